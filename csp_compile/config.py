@@ -1,0 +1,99 @@
+"""`CSPConfig`: every knob of the pruning pass, validated on construction."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+CROSS_RATIO_RULES = ("auto", "population", "mass")
+
+
+def _fail(field: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"CSPConfig.{field}={value!r} is invalid: allowed {allowed}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CSPConfig:
+    """Configuration of KV-cache pruning at prefill (DESIGN §2).
+
+    budget: float in (0, 1] = fraction of the prompt kept, or int >= 1 = tokens kept
+        (note: ``1`` keeps one token, ``1.0`` keeps everything).
+    window: the last ``window`` prompt tokens are the observation queries and always kept.
+    cross_ratio: share of the non-window budget spent on cross-modal scores: a float in
+        [0, 1] or a rule, "auto" (mean of the other two), "population" or "mass".
+    n: the n of n-softmax, ``exp(x_i) / (n + sum_j exp(x_j))``; 0 is plain softmax.
+    policy: name of a registered policy (see ``csp_compile.policies.available_policies()``).
+    sink_tokens: leading tokens the "streaming" policy always keeps.
+    pool_kernel: width of SnapKV's 1-D average pooling over keys (odd, 1 = no pooling).
+    seed: seed of the "random" policy.
+    """
+
+    budget: float | int = 0.2
+    window: int = 32
+    cross_ratio: float | str = "auto"
+    n: float = 1.0
+    policy: str = "csp"
+    sink_tokens: int = 4
+    pool_kernel: int = 7
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self._check_budget()
+        if not _is_int(self.window) or self.window < 1:
+            _fail("window", self.window, "an int >= 1")
+        self._check_cross_ratio()
+        if not _is_real(self.n) or not math.isfinite(self.n) or self.n < 0:
+            _fail("n", self.n, "a finite float >= 0 (0 = plain softmax)")
+        object.__setattr__(self, "n", float(self.n))
+        self._check_policy()
+        if not _is_int(self.sink_tokens) or self.sink_tokens < 0:
+            _fail("sink_tokens", self.sink_tokens, "an int >= 0")
+        if not _is_int(self.pool_kernel) or self.pool_kernel < 1 or self.pool_kernel % 2 == 0:
+            _fail("pool_kernel", self.pool_kernel, "an odd int >= 1")
+        if not _is_int(self.seed) or self.seed < 0:
+            _fail("seed", self.seed, "an int >= 0")
+
+    def _check_budget(self) -> None:
+        if _is_int(self.budget):
+            if self.budget < 1:
+                _fail("budget", self.budget, "a float in (0, 1] (fraction) or an int >= 1 (tokens)")
+        elif isinstance(self.budget, float):
+            if not (math.isfinite(self.budget) and 0.0 < self.budget <= 1.0):
+                _fail("budget", self.budget, "a float in (0, 1] (fraction) or an int >= 1 (tokens)")
+        else:
+            _fail("budget", self.budget, "a float in (0, 1] (fraction) or an int >= 1 (tokens)")
+
+    def _check_cross_ratio(self) -> None:
+        allowed = f"a float in [0, 1] or one of {list(CROSS_RATIO_RULES)}"
+        if isinstance(self.cross_ratio, str):
+            if self.cross_ratio not in CROSS_RATIO_RULES:
+                _fail("cross_ratio", self.cross_ratio, allowed)
+        elif _is_real(self.cross_ratio) and math.isfinite(self.cross_ratio) and 0 <= self.cross_ratio <= 1:
+            object.__setattr__(self, "cross_ratio", float(self.cross_ratio))
+        else:
+            _fail("cross_ratio", self.cross_ratio, allowed)
+
+    def _check_policy(self) -> None:
+        from csp_compile.policies import available_policies
+
+        known = available_policies()
+        if not isinstance(self.policy, str) or self.policy not in known:
+            _fail("policy", self.policy, f"one of {list(known)}")
+
+    def replace(self, **overrides: Any) -> "CSPConfig":
+        """A copy with ``overrides`` applied (validated); unknown field names raise ValueError."""
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise ValueError(f"CSPConfig has no field(s) {unknown}: allowed {sorted(names)}")
+        return dataclasses.replace(self, **overrides)

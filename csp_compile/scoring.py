@@ -1,0 +1,158 @@
+"""Reference scoring math in plain PyTorch (DESIGN §2): the oracle every kernel is tested against.
+
+Shapes: ``b`` batch, ``hq`` query heads, ``hkv`` KV heads, ``L`` prompt length (padded), ``D`` head
+dim. Only blocks of query rows are ever scored (the window, or chunks of it for H2O): memory is
+O(rows * L) per head, never L x L.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from csp_compile.config import CSPConfig
+from csp_compile.nsoftmax import n_softmax
+
+
+def resolve_budget(length: int, config: CSPConfig) -> tuple[int, int]:
+    """``(B, W)`` for a prompt of ``length`` real tokens: kept tokens and window size.
+
+    ``B = min(L, max(window, round(budget * L)))`` for a fractional budget (Python's round, half
+    to even), ``min(L, budget)`` for an int budget; ``W = min(window, B)``.
+    """
+    if isinstance(config.budget, float):
+        kept = min(length, max(config.window, round(config.budget * length)))
+    else:
+        kept = min(length, config.budget)
+    return kept, min(config.window, kept)
+
+
+@dataclass(frozen=True)
+class AttentionInputs:
+    """One attention layer's prefill, validated: what every policy scores.
+
+    ``valid`` is False at padding; ``window`` is each sequence's W; the window is the last W
+    positions of the sequence axis (padding, if any, must be on the left).
+    """
+
+    query: torch.Tensor  # (b, hq, L, D)
+    key: torch.Tensor  # (b, hkv, L, D)
+    modality: torch.Tensor  # (b, L) int64
+    valid: torch.Tensor  # (b, L) bool
+    mask: torch.Tensor | None  # bool (True = attend) or additive, broadcastable to (b, hq, L, L)
+    scale: float
+    window: torch.Tensor  # (b,) int64
+
+    @property
+    def length(self) -> int:
+        return self.key.shape[-2]
+
+    @property
+    def kv_heads(self) -> int:
+        return self.key.shape[1]
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return torch.promote_types(self.query.dtype, torch.float32)
+
+    def window_rows(self) -> torch.Tensor:
+        """(b, Wmax) bool over the last Wmax query rows: True where the row is in its window."""
+        w_max = int(self.window.max())
+        offsets = torch.arange(w_max, device=self.window.device)
+        return offsets[None, :] >= (w_max - self.window)[:, None]
+
+    def candidates(self) -> torch.Tensor:
+        """(b, L) bool: real tokens before each sequence's window."""
+        positions = torch.arange(self.length, device=self.valid.device)
+        return self.valid & (positions[None, :] < (self.length - self.window)[:, None])
+
+
+def attention_probs(inputs: AttentionInputs, rows: slice, n: float) -> torch.Tensor:
+    """(b, hq, R, L) n-softmax attention of query rows ``rows`` over all keys, in compute dtype.
+
+    Scores are ``scale * <q, k> + mask`` with padding keys removed; ``mask=None`` means causal.
+    """
+    b, hq, length, dim = inputs.query.shape
+    hkv = inputs.kv_heads
+    dtype = inputs.compute_dtype
+    q = inputs.query[:, :, rows].to(dtype)
+    num_rows = q.shape[2]
+    q = q.reshape(b, hkv, hq // hkv, num_rows, dim)
+    k = inputs.key.to(dtype)[:, :, None]
+    scores = (q @ k.transpose(-1, -2)).reshape(b, hq, num_rows, length) * inputs.scale
+    neg_inf = torch.tensor(float("-inf"), dtype=dtype, device=scores.device)
+    if inputs.mask is None:
+        query_pos = torch.arange(length, device=scores.device)[rows]
+        key_pos = torch.arange(length, device=scores.device)
+        scores = torch.where(key_pos[None, :] <= query_pos[:, None], scores, neg_inf)
+    else:
+        mask_rows = inputs.mask[..., rows, :]
+        if mask_rows.dtype == torch.bool:
+            scores = torch.where(mask_rows, scores, neg_inf)
+        else:
+            scores = scores + mask_rows.to(dtype)
+    scores = torch.where(inputs.valid[:, None, None, :], scores, neg_inf)
+    return n_softmax(scores, n=n, dim=-1)
+
+
+def window_probs(inputs: AttentionInputs, n: float) -> torch.Tensor:
+    """(b, hq, Wmax, L) n-softmax attention of the window queries; rows outside a window are 0."""
+    w_max = int(inputs.window.max())
+    probs = attention_probs(inputs, slice(inputs.length - w_max, inputs.length), n)
+    return probs * inputs.window_rows()[:, None, :, None]
+
+
+def modality_split(inputs: AttentionInputs, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum window attention ``probs`` (b, hq, W, L) per key into same-modality (self) and
+    different-modality (cross) parts: two (b, hq, L) tensors."""
+    w_max = probs.shape[2]
+    query_modality = inputs.modality[:, inputs.length - w_max:]
+    same = (query_modality[:, :, None] == inputs.modality[:, None, :]).to(probs.dtype)
+    self_scores = torch.einsum("bhwl,bwl->bhl", probs, same)
+    cross_scores = torch.einsum("bhwl,bwl->bhl", probs, 1.0 - same)
+    return self_scores, cross_scores
+
+
+def gqa_mean(scores: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """Average (b, hq, L) per-query-head scores over each KV head's group: (b, hkv, L)."""
+    b, hq, length = scores.shape
+    return scores.reshape(b, kv_heads, hq // kv_heads, length).mean(dim=2)
+
+
+def accumulated_attention(inputs: AttentionInputs, chunk: int = 256) -> torch.Tensor:
+    """(b, hkv, L) softmax attention each key receives, summed over every real prompt query
+    (H2O's score), computed ``chunk`` query rows at a time."""
+    b, hq, length, _ = inputs.query.shape
+    total = torch.zeros(b, hq, length, dtype=inputs.compute_dtype, device=inputs.query.device)
+    for start in range(0, length, chunk):
+        rows = slice(start, min(start + chunk, length))
+        probs = attention_probs(inputs, rows, n=0.0)
+        probs = probs * inputs.valid[:, None, rows, None]
+        total += probs.sum(dim=2)
+    return gqa_mean(total, inputs.kv_heads)
+
+
+def cross_population(inputs: AttentionInputs) -> torch.Tensor:
+    """(b,) fraction of (window query, candidate key) pairs whose modalities differ."""
+    w_max = int(inputs.window.max())
+    query_modality = inputs.modality[:, inputs.length - w_max:]
+    pairs = inputs.window_rows()[:, :, None] & inputs.candidates()[:, None, :]
+    differ = pairs & (query_modality[:, :, None] != inputs.modality[:, None, :])
+    counts = pairs.sum(dim=(1, 2)).clamp(min=1)
+    return differ.sum(dim=(1, 2)).to(torch.float64) / counts
+
+
+def cross_mass(inputs: AttentionInputs, self_scores: torch.Tensor, cross_scores: torch.Tensor) -> torch.Tensor:
+    """(b, hkv) share of the window's attention to candidates that is cross-modal."""
+    candidates = inputs.candidates()[:, None, :]
+    cross_sum = (cross_scores * candidates).sum(-1).to(torch.float64)
+    self_sum = (self_scores * candidates).sum(-1).to(torch.float64)
+    total = cross_sum + self_sum
+    return torch.where(total > 0, cross_sum / total.clamp(min=torch.finfo(torch.float64).tiny), 0.0)
+
+
+def default_scale(head_dim: int) -> float:
+    """The usual ``1 / sqrt(head_dim)`` attention scale."""
+    return 1.0 / math.sqrt(head_dim)

@@ -1,0 +1,154 @@
+"""``select_kept``: the reference selection of DESIGN §2, from one layer's Q/K to kept positions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from csp_compile.config import CSPConfig
+from csp_compile.policies import PolicyScores, get_policy
+from csp_compile.scoring import AttentionInputs, default_scale, resolve_budget
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Kept prompt positions of one layer.
+
+    indices: (b, hkv, max kept) int64, ascending per row, padded with -1 at the end where a
+        sequence keeps fewer than the longest one (every KV head of a sequence keeps the same count).
+    num_kept: (b,) int64 kept per sequence (B of the contract, on its real length).
+    num_secondary: (b, hkv) picks taken from the secondary (for CSP: cross) score.
+    keep_mask: (b, hkv, L) bool, the same selection as a mask.
+    """
+
+    indices: torch.Tensor
+    num_kept: torch.Tensor
+    num_secondary: torch.Tensor
+    keep_mask: torch.Tensor
+
+
+def select_kept(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    modality: torch.Tensor,
+    config: CSPConfig | None = None,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> Selection:
+    """Choose the prompt positions each KV head keeps at prefill (the selection contract).
+
+    query (b, hq, L, D) and key (b, hkv, L, D) are the layer's post-RoPE projections; modality
+    (b, L) the per-token modality ids; attention_mask (b, L) 1 for real tokens, 0 for (left)
+    padding; mask the model's own attention mask (bool True = attend, or additive),
+    broadcastable to (b, hq, L, L), or None for causal; scale defaults to 1/sqrt(D).
+    """
+    config = config or CSPConfig()
+    inputs = make_attention_inputs(query, key, modality, config, attention_mask=attention_mask, mask=mask, scale=scale)
+    lengths = inputs.valid.sum(-1)
+    budgets = torch.tensor([resolve_budget(int(n), config)[0] for n in lengths], dtype=torch.int64)
+    policy = get_policy(config.policy)
+    if policy.score is None:
+        keep = inputs.valid[:, None, :].expand(-1, inputs.kv_heads, -1)
+        zeros = torch.zeros(keep.shape[:2], dtype=torch.int64, device=keep.device)
+        return _as_selection(keep, lengths.cpu(), zeros)
+    k_total = (budgets.to(inputs.window.device) - inputs.window).clamp(min=0)
+    scores = policy.score(inputs, config)
+    k_secondary = policy.split(scores, inputs, config, k_total)
+    keep = pick_top(scores, inputs.candidates(), k_total, k_secondary)
+    positions = torch.arange(inputs.length, device=keep.device)
+    in_window = positions[None, :] >= (inputs.length - inputs.window)[:, None]
+    keep = keep | in_window[:, None, :]
+    return _as_selection(keep, budgets, k_secondary)
+
+
+def make_attention_inputs(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    modality: torch.Tensor,
+    config: CSPConfig,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> AttentionInputs:
+    """Validate the arguments of ``select_kept`` and bundle them; errors name the argument."""
+    if query.dim() != 4 or key.dim() != 4:
+        raise ValueError(f"query and key must be 4-D (b, heads, L, D): got {tuple(query.shape)} and {tuple(key.shape)}")
+    b, hq, length, dim = query.shape
+    if key.shape[0] != b or key.shape[2:] != (length, dim):
+        raise ValueError(f"key shape {tuple(key.shape)} does not match query shape {tuple(query.shape)} in batch, L or D")
+    if length < 1 or key.shape[1] < 1 or hq % key.shape[1]:
+        raise ValueError(f"query heads ({hq}) must be a positive multiple of key heads ({key.shape[1]}), L >= 1")
+    if not query.is_floating_point() or not key.is_floating_point():
+        raise ValueError(f"query/key must be floating point: got {query.dtype}, {key.dtype}")
+    if modality.shape != (b, length) or modality.is_floating_point() or modality.dtype == torch.bool:
+        raise ValueError(f"modality must be an integer tensor of shape {(b, length)}: got {modality.dtype} {tuple(modality.shape)}")
+    valid = _valid_tokens(attention_mask, b, length, query.device)
+    _check_mask(mask, b, hq, length)
+    window = torch.tensor([resolve_budget(int(n), config)[1] for n in valid.sum(-1)], dtype=torch.int64, device=query.device)
+    positions = torch.arange(length, device=query.device)
+    window_pad = ~valid & (positions[None, :] >= (length - window)[:, None])
+    if bool(window_pad.any()):
+        raise ValueError("attention_mask has padding inside the last `window` positions: pad on the left")
+    return AttentionInputs(
+        query=query,
+        key=key,
+        modality=modality.to(torch.int64),
+        valid=valid,
+        mask=mask,
+        scale=default_scale(dim) if scale is None else float(scale),
+        window=window,
+    )
+
+
+def pick_top(scores: PolicyScores, candidates: torch.Tensor, k_total: torch.Tensor, k_secondary: torch.Tensor) -> torch.Tensor:
+    """(b, hkv, L) bool: top ``k_total - k_secondary`` candidates by the primary score, then the top
+    ``k_secondary`` of the remaining candidates by the secondary score. Ties go to the earlier position."""
+    cand = candidates[:, None, :].expand_as(scores.primary)
+    k_primary = (k_total[:, None] - k_secondary)[..., None]
+    taken = cand & (_rank_desc(scores.primary, cand) < k_primary)
+    if scores.secondary is None:
+        return taken
+    rest = cand & ~taken
+    return taken | (rest & (_rank_desc(scores.secondary, rest) < k_secondary[..., None]))
+
+
+def _rank_desc(score: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
+    """Rank of each position (0 = best) with eligible positions first, then score descending,
+    then position ascending."""
+    order = torch.argsort(score, dim=-1, descending=True, stable=True)
+    eligible_sorted = eligible.gather(-1, order)
+    order = order.gather(-1, torch.argsort(eligible_sorted.to(torch.int8), dim=-1, descending=True, stable=True))
+    ranks = torch.empty_like(order)
+    ranks.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+    return ranks
+
+
+def _as_selection(keep: torch.Tensor, num_kept: torch.Tensor, num_secondary: torch.Tensor) -> Selection:
+    length = keep.shape[-1]
+    positions = torch.arange(length, device=keep.device).expand_as(keep)
+    ordered = torch.sort(torch.where(keep, positions, length), dim=-1).values
+    width = int(num_kept.max()) if num_kept.numel() else 0
+    indices = ordered[..., :width]
+    indices = torch.where(indices == length, -1, indices)
+    return Selection(indices=indices, num_kept=num_kept.to(torch.int64), num_secondary=num_secondary, keep_mask=keep)
+
+
+def _valid_tokens(attention_mask: torch.Tensor | None, b: int, length: int, device: torch.device) -> torch.Tensor:
+    if attention_mask is None:
+        return torch.ones(b, length, dtype=torch.bool, device=device)
+    if attention_mask.shape != (b, length):
+        raise ValueError(f"attention_mask must have shape {(b, length)}: got {tuple(attention_mask.shape)}")
+    return attention_mask.to(device) != 0
+
+
+def _check_mask(mask: torch.Tensor | None, b: int, hq: int, length: int) -> None:
+    if mask is None:
+        return
+    if mask.dim() != 4 or mask.shape[-2:] != (length, length) or mask.shape[0] not in (1, b) or mask.shape[1] not in (1, hq):
+        raise ValueError(f"mask must broadcast as (b, heads, L, L) = {(b, hq, length, length)}: got {tuple(mask.shape)}")
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        raise ValueError(f"mask must be bool (True = attend) or additive float: got {mask.dtype}")
