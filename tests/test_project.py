@@ -1,4 +1,4 @@
-"""The README's commands are the ones CI runs, and the README's example runs."""
+"""The README's commands are the ones CI runs, and the README's examples run."""
 
 import re
 import subprocess
@@ -16,7 +16,19 @@ def test_ci_runs_the_readme_install_and_test_commands():
     assert 'pip install -e ".[dev]" || exit 1\npytest -q' in ci
 
 
-def test_readme_example_runs():
+def test_main_example_runs():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "optimize_tiny_llava.py"), "--text-len", "40", "--new-tokens", "3"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "rewritten (2):" in result.stdout
+    kv_line = next(line for line in result.stdout.splitlines() if line.startswith("KV cache after prefill"))
+    ratio = float(kv_line.rsplit("(", 1)[1].rstrip("x)"))
+    assert 0.15 <= ratio <= 0.3
+
+
+def test_selection_example_runs():
     result = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "inspect_selection.py"), "--budget", "0.25"],
         capture_output=True, text=True, timeout=300, cwd=ROOT,

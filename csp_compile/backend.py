@@ -1,0 +1,106 @@
+"""The ``csp`` torch.compile backend: rewrite prefill attention to evicting ops, then Inductor.
+
+``CSPBackend(state)`` is what ``optimize`` installs: the model's pre-hook puts each prompt's
+modality ids and padding mask in the state, and the rewritten prefill graph takes them as two
+extra inputs. The string ``backend="csp"`` (``options=`` holds CSPConfig fields) builds a
+backend without hooks: every token counts as text and none as padding. Every graph goes to
+Inductor; the callable returned for a prefill graph strips the kept indices and slot validity
+into the state.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx
+from torch._dynamo import register_backend
+from torch._inductor.compile_fx import compile_fx
+
+import csp_compile.ops  # noqa: F401  (registers torch.ops.csp)
+from csp_compile.cache import EvictionState, LayerEviction
+from csp_compile.config import CSPConfig
+from csp_compile.passes.evict_prefill import PrefillPlan, copy_dynamo_graph, plan_prefill, rewrite_prefill
+
+
+@dataclass
+class CSPState(EvictionState):
+    """What an optimised model carries between calls: its config, the current prompt's modality
+    ids and padding mask (``None`` when no pre-hook provides them), and what was compiled."""
+
+    config: CSPConfig = field(default_factory=CSPConfig)
+    hooked: bool = False  # a pre-hook sets modality / attention_mask_2d before each prefill
+    modality: torch.Tensor | None = None  # (b, L)
+    attention_mask_2d: torch.Tensor | None = None  # (b, L) int64, 1 = real token
+    plans: list[PrefillPlan] = field(default_factory=list)  # one per compiled prefill graph
+    compiled_graphs: dict[str, int] = field(default_factory=lambda: {"prefill": 0, "other": 0})
+
+
+class CSPBackend:
+    """A torch.compile backend evicting the KV cache at prefill per ``state.config``."""
+
+    def __init__(self, state: CSPState) -> None:
+        self.state = state
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        if not plan_prefill(gm).sites:
+            self.state.compiled_graphs["other"] += 1
+            return compile_fx(gm, list(example_inputs))
+        rewritten = copy_dynamo_graph(gm)
+        plan = plan_prefill(rewritten)
+        layout = rewrite_prefill(rewritten, plan, self.state.config, prompt_inputs=self.state.hooked)
+        if not self.state.hooked:
+            warnings.warn(
+                "csp backend: no modality ids for this prefill graph (compiled without csp_compile.optimize): "
+                "every token counts as text and none as padding",
+                stacklevel=2,
+            )
+        self.state.plans.append(plan)
+        self.state.compiled_graphs["prefill"] += 1
+        example_inputs = list(example_inputs)
+        if self.state.hooked:
+            batch, length = _prompt_shape(plan)
+            with torch._guards.detect_fake_mode(example_inputs):
+                example_inputs += [torch.empty(batch, length, dtype=torch.int64) for _ in range(2)]
+        compiled = compile_fx(rewritten, example_inputs)
+        state = self.state
+
+        def run(*args: Any) -> Any:
+            if state.hooked:
+                if state.modality is None:
+                    raise RuntimeError(
+                        "csp: a prefill of the optimised language model ran without modality ids: call the "
+                        "whole model (model(...) / model.generate(...)), not its language model alone"
+                    )
+                args = (*args, state.modality, state.attention_mask_2d)
+            outputs = compiled(*args)
+            extras = outputs[layout.num_outputs:]
+            state.layers.clear()
+            for i, layer_index in enumerate(layout.layer_indices):
+                key = layer_index if layer_index is not None else i
+                state.layers[key] = LayerEviction(kept=extras[2 * i], slot_valid=extras[2 * i + 1])
+            state.physical_length = int(extras[0].shape[-1])
+            return outputs[: layout.num_outputs]
+
+        return run
+
+
+def _prompt_shape(plan: PrefillPlan) -> tuple[Any, Any]:
+    fake = plan.sites[0].match.query.meta["example_value"]
+    return fake.shape[0], fake.shape[2]
+
+
+@register_backend(name="csp")
+def csp_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: dict | None = None, mode: str | None = None) -> Callable:
+    """``torch.compile(language_model, backend="csp", options={"budget": 0.2, ...})``.
+
+    Without ``csp_compile.optimize`` there is no pre-hook: modality ids are unknown (all text,
+    so CSP ranks by its self score alone) and padding is assumed absent.
+    """
+    if mode is not None:
+        raise ValueError(f"backend 'csp' takes no mode (got {mode!r}): pass CSPConfig fields in options=")
+    state = CSPState(config=CSPConfig().replace(**(options or {})))
+    return CSPBackend(state)(gm, example_inputs)

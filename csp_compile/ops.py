@@ -1,0 +1,250 @@
+"""Custom ops the compiled graph calls: attention at prefill fused with the kept-token selection.
+
+``csp::prefill_attention`` replaces one language-model attention call of a prefill graph. It
+returns the attention output exactly as the model's own ``scaled_dot_product_attention`` call
+would (same mask, scale, GQA handling), plus what eviction needs: the kept positions per KV head
+(DESIGN §2), the pruned K/V that go into the cache, and which cache slots are real.
+
+The op is opaque to the compiler (``torch.library.custom_op`` + ``register_fake``): today its
+selection is the reference ``select_kept``; fused kernels replace the body later behind the same
+signature. The config travels as scalars (an op schema has no dataclass type): build them with
+``config_op_args`` and turn them back with ``config_from_op_args``.
+
+Shapes: ``b`` batch, ``hq`` query heads, ``hkv`` KV heads, ``L`` padded prompt length, ``D`` head dim,
+``P`` kept slots = ``kept_slots(L, config)`` (``B`` of the contract for the padded length, or ``L``
+for the "full" policy). A sequence that keeps fewer than ``P`` tokens (left padding: its own ``B``
+is computed on its real length) leaves its first slots empty, as left padding: index -1, zero K/V and
+``slot_valid = False``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from csp_compile.config import CROSS_RATIO_RULES, CSPConfig
+from csp_compile.scoring import resolve_budget
+from csp_compile.selection import select_kept
+
+__all__ = [
+    "config_from_op_args",
+    "config_op_args",
+    "kept_slots",
+    "prefill_attention",
+    "prefill_attention_op",
+]
+
+
+# --- config <-> op scalars ---------------------------------------------------------------------
+
+def config_op_args(config: CSPConfig) -> dict:
+    """The op's config arguments for ``config`` (keyword names of ``csp::prefill_attention``).
+
+    budget: the fraction as a float, or the token count (as a float) when ``budget_is_fraction``
+    is False; cross_ratio: a rule name ("auto", "population", "mass") or ``repr`` of the float.
+    """
+    fraction = isinstance(config.budget, float)
+    return dict(
+        budget=float(config.budget),
+        budget_is_fraction=fraction,
+        window=config.window,
+        cross_ratio=config.cross_ratio if isinstance(config.cross_ratio, str) else repr(float(config.cross_ratio)),
+        n=float(config.n),
+        policy=config.policy,
+        sink_tokens=config.sink_tokens,
+        pool_kernel=config.pool_kernel,
+        seed=config.seed,
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def config_from_op_args(
+    budget: float,
+    budget_is_fraction: bool,
+    window: int,
+    cross_ratio: str,
+    n: float,
+    policy: str,
+    sink_tokens: int,
+    pool_kernel: int,
+    seed: int,
+) -> CSPConfig:
+    """Inverse of ``config_op_args`` (validated; cached, configs are frozen)."""
+    if budget_is_fraction:
+        budget_value: float | int = float(budget)
+    else:
+        if float(budget) != int(budget):
+            raise ValueError(f"csp::prefill_attention: a token budget must be integral, got {budget!r}")
+        budget_value = int(budget)
+    ratio: float | str = cross_ratio if cross_ratio in CROSS_RATIO_RULES else float(cross_ratio)
+    return CSPConfig(
+        budget=budget_value, window=window, cross_ratio=ratio, n=n, policy=policy,
+        sink_tokens=sink_tokens, pool_kernel=pool_kernel, seed=seed,
+    )
+
+
+def kept_slots(length: int, config: CSPConfig) -> int:
+    """P: cache slots per sequence after prefill of a (padded) prompt of ``length`` tokens."""
+    if config.policy == "full":
+        return length
+    return resolve_budget(length, config)[0]
+
+
+def _symbolic_kept_slots(length: torch.SymInt, config: CSPConfig) -> torch.SymInt:
+    """``kept_slots`` of a symbolic length (a prefill graph compiled with a dynamic prompt length):
+    the same formula as ``resolve_budget`` in sym ops, so P stays a backed expression of L
+    (``round`` of a SymFloat is round-half-to-even, as Python's)."""
+    if config.policy == "full":
+        return length
+    if isinstance(config.budget, float):
+        return torch.sym_min(length, torch.sym_max(config.window, round(config.budget * length)))
+    return torch.sym_min(length, config.budget)
+
+
+# --- the op ------------------------------------------------------------------------------------
+
+def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """transformers' ``repeat_kv`` (expand + reshape), so the attention is bit-identical to the model's."""
+    if n_rep == 1:
+        return x
+    b, h, length, d = x.shape
+    return x[:, :, None].expand(b, h, n_rep, length, d).reshape(b, h * n_rep, length, d)
+
+
+def _check(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, modality: torch.Tensor | None) -> None:
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+        raise ValueError(
+            "csp::prefill_attention: query/key/value must be 4-D (b, heads, L, D): got "
+            f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
+        )
+    b, hq, lq, _ = query.shape
+    if key.shape[:3] != value.shape[:3] or key.shape[0] != b or lq != key.shape[2]:
+        raise ValueError(
+            "csp::prefill_attention: a prefill from an empty cache needs query, key and value of the same "
+            f"batch and length: got {tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
+        )
+    if hq % key.shape[1]:
+        raise ValueError(f"csp::prefill_attention: {hq} query heads is not a multiple of {key.shape[1]} KV heads")
+    if modality is not None and modality.shape != (b, lq):
+        raise ValueError(f"csp::prefill_attention: modality must be {(b, lq)}: got {tuple(modality.shape)}")
+
+
+@torch.library.custom_op("csp::prefill_attention", mutates_args=(), device_types=None)
+def prefill_attention_op(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: Optional[torch.Tensor],
+    modality: Optional[torch.Tensor],
+    attention_mask_2d: Optional[torch.Tensor],
+    scale: Optional[float],
+    is_causal: bool,
+    enable_gqa: bool,
+    budget: float,
+    budget_is_fraction: bool,
+    window: int,
+    cross_ratio: str,
+    n: float,
+    policy: str,
+    sink_tokens: int,
+    pool_kernel: int,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prefill attention + kept-token selection of one layer.
+
+    query (b, hq, L, D); key/value (b, hkv, L, D) *before* any GQA repeat (the tensors the cache
+    stores); attn_mask / scale / is_causal exactly as the model passes them to SDPA; enable_gqa
+    True when the model called SDPA with ``enable_gqa=True``, False when it repeated K/V first
+    (the op repeats them the same way); modality (b, L) int, or None = all text; attention_mask_2d (b, L) 1 = real
+    token, 0 = left padding, or None (no padding).
+
+    Returns (attn_output (b, hq, L, Dv), kept_indices (b, hkv, P) int64 ascending after -1 in the leading empty slots,
+    pruned_key (b, hkv, P, D), pruned_value (b, hkv, P, Dv), slot_valid (b, P) bool).
+    """
+    _check(query, key, value, modality)
+    config = config_from_op_args(budget, budget_is_fraction, window, cross_ratio, n, policy, sink_tokens,
+                                 pool_kernel, seed)
+    n_rep = query.shape[1] // key.shape[1]
+    if enable_gqa or n_rep == 1:
+        attn_key, attn_value, gqa = key, value, {"enable_gqa": True} if n_rep > 1 else {}
+    else:
+        attn_key, attn_value, gqa = _repeat_kv(key, n_rep), _repeat_kv(value, n_rep), {}
+    output = F.scaled_dot_product_attention(
+        query, attn_key, attn_value, attn_mask=attn_mask, dropout_p=0.0, scale=scale, is_causal=is_causal, **gqa
+    )
+
+    b, hkv, length, _ = key.shape
+    if attn_mask is None and not is_causal:  # bidirectional: select_kept reads mask=None as causal
+        select_mask = torch.ones(1, 1, length, length, dtype=torch.bool, device=query.device)
+    else:
+        select_mask = attn_mask
+        while select_mask is not None and select_mask.dim() < 4:
+            select_mask = select_mask.unsqueeze(0)
+    if modality is None:
+        modality = torch.zeros(query.shape[0], query.shape[2], dtype=torch.int64, device=query.device)
+    selection = select_kept(query, key, modality, config, attention_mask=attention_mask_2d, mask=select_mask,
+                            scale=scale)
+    slots = kept_slots(length, config)
+    indices = selection.indices.to(device=key.device, dtype=torch.int64)
+    if indices.shape[-1] > slots:
+        raise AssertionError(f"select_kept kept {indices.shape[-1]} > P = {slots} tokens")
+    # Left-align like left padding: a sequence keeping n of the P slots fills the last n, so at
+    # full budget the cache layout equals the prompt's (padding first).
+    empty = slots - selection.num_kept.to(key.device)  # (b,)
+    slot = torch.arange(slots, device=key.device)
+    source = (slot[None, :] - empty[:, None]).clamp(min=0)  # (b, P): index into the selection row
+    indices = F.pad(indices, (0, slots - indices.shape[-1]), value=-1)
+    indices = indices.gather(2, source[:, None, :].expand(-1, indices.shape[1], -1))
+    slot_valid = slot[None, :] >= empty[:, None]
+    indices = torch.where(slot_valid[:, None, :], indices, -1)
+    safe = indices.clamp(min=0)[..., None]
+    valid = slot_valid[:, None, :, None]
+    pruned_key = torch.where(valid, key.gather(2, safe.expand(-1, -1, -1, key.shape[-1])), 0)
+    pruned_value = torch.where(valid, value.gather(2, safe.expand(-1, -1, -1, value.shape[-1])), 0)
+    # SDPA's CPU kernels return a (b, L, h, D)-strided output; the op promises contiguous outputs
+    # (the fake impl's layout), and the copy is bit-exact.
+    return output.contiguous(), indices, pruned_key.contiguous(), pruned_value.contiguous(), slot_valid
+
+
+@prefill_attention_op.register_fake
+def _prefill_attention_fake(
+    query, key, value, attn_mask, modality, attention_mask_2d, scale, is_causal, enable_gqa,
+    budget, budget_is_fraction, window, cross_ratio, n, policy, sink_tokens, pool_kernel, seed,
+):
+    _check(query, key, value, modality)
+    b, hq, length, _ = query.shape
+    hkv = key.shape[1]
+    # Under dynamic=True Dynamo may hand the int/float config scalars in as SymInt/SymFloat:
+    # specialize them (they are constants of the pass; the backend inserts them as literals).
+    config = config_from_op_args(float(budget), bool(budget_is_fraction), int(window), cross_ratio, float(n), policy,
+                                 int(sink_tokens), int(pool_kernel), int(seed))
+    slots = kept_slots(length, config) if isinstance(length, int) else _symbolic_kept_slots(length, config)
+    output = query.new_empty(b, hq, length, value.shape[-1])
+    indices = key.new_empty(b, hkv, slots, dtype=torch.int64)
+    pruned_key = key.new_empty(b, hkv, slots, key.shape[-1])
+    pruned_value = value.new_empty(b, hkv, slots, value.shape[-1])
+    slot_valid = key.new_empty(b, slots, dtype=torch.bool)
+    return output, indices, pruned_key, pruned_value, slot_valid
+
+
+def prefill_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    modality: torch.Tensor,
+    config: CSPConfig | None = None,
+    *,
+    attn_mask: torch.Tensor | None = None,
+    attention_mask_2d: torch.Tensor | None = None,
+    scale: float | None = None,
+    is_causal: bool = False,
+    enable_gqa: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.ops.csp.prefill_attention`` with a ``CSPConfig`` instead of its scalars."""
+    return torch.ops.csp.prefill_attention(
+        query, key, value, attn_mask, modality, attention_mask_2d, scale, is_causal, enable_gqa,
+        **config_op_args(config or CSPConfig()),
+    )

@@ -1,0 +1,165 @@
+"""Rewrite a prefill graph: each language-model attention becomes ``csp::prefill_attention``.
+
+A *site* is an attention match (``find_attention``) whose K/V are a cache update ``torch.cat``
+of an empty cache with this step's K/V, and whose cat outputs Dynamo writes back into the cache
+layer (graph outputs). The rewrite feeds the op the cat outputs, makes the op's pruned K/V the
+graph outputs in their place (so Dynamo stores them in ``layer.keys``/``layer.values``), appends
+each site's kept indices and slot validity as extra outputs, and adds two inputs: the modality
+ids and the 2-D padding mask of the prompt. Decode graphs (the cache already held tokens) and
+layers whose cache is not a plain full-attention cat (sliding windows) are left alone.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from csp_compile.config import CSPConfig
+from csp_compile.ops import config_op_args
+from csp_compile.passes.find_attention import AttentionMatch, SkippedAttention, find_attention
+
+PREFILL_OP = torch.ops.csp.prefill_attention.default
+_PASS_THROUGH = ("contiguous", "clone")
+
+
+@dataclass(frozen=True)
+class Site:
+    """A language-model attention to rewrite, with the cache updates of its key and value."""
+
+    match: AttentionMatch
+    key_cat: fx.Node
+    value_cat: fx.Node
+
+
+@dataclass(frozen=True)
+class PrefillPlan:
+    """What a graph holds: the sites to rewrite and what was left alone (module path, reason)."""
+
+    sites: tuple[Site, ...]
+    left_alone: tuple[SkippedAttention, ...]
+    matches: tuple[AttentionMatch, ...]
+
+
+@dataclass(frozen=True)
+class PrefillRewrite:
+    """A rewritten graph's calling convention: ``num_outputs`` original outputs come first, then
+    (kept_indices, slot_valid) per site in ``layer_indices`` order."""
+
+    num_outputs: int
+    layer_indices: tuple[int | None, ...]
+
+
+def _cache_cat(node: object) -> fx.Node | None:
+    while isinstance(node, fx.Node):
+        if node.op == "call_function" and node.target is torch.cat:
+            return node
+        if node.op == "call_method" and node.target in _PASS_THROUGH:
+            node = node.args[0]
+        else:
+            return None
+    return None
+
+
+def _fake(node: object) -> torch.Tensor | None:
+    value = node.meta.get("example_value") if isinstance(node, fx.Node) else None
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _is_empty_cache(node: object) -> bool:
+    fake = _fake(node)
+    return fake is not None and isinstance(fake.numel(), int) and fake.numel() == 0
+
+
+def plan_prefill(gm: fx.GraphModule) -> PrefillPlan:
+    """Find the attentions of ``gm`` and decide which are prefill sites (pure analysis)."""
+    matches, skipped = find_attention(gm)
+    output_node = next(n for n in gm.graph.nodes if n.op == "output")
+    outputs = {a for a in output_node.args[0] if isinstance(a, fx.Node)}  # Dynamo returns a tuple
+    sites, left_alone = [], list(skipped)
+    for match in matches:
+        key_cat, value_cat = _cache_cat(match.key), _cache_cat(match.value)
+        reason = None
+        if key_cat is None or value_cat is None:
+            reason = "no KV-cache update feeds this attention (use_cache=False?)"
+        elif not (_is_empty_cache(key_cat.args[0][0]) and _is_empty_cache(value_cat.args[0][0])):
+            reason = "decode or continued prefill: the cache already held tokens"
+        elif key_cat not in outputs or value_cat not in outputs:
+            reason = "the cache layer does not store the whole update (sliding-window layer): kept whole"
+        elif not isinstance(match.scale, float):
+            reason = "attention scale is not a constant (dynamic=True?)"
+        if reason is None:
+            sites.append(Site(match, key_cat, value_cat))
+        else:
+            left_alone.append(SkippedAttention(match.module_path, reason))
+    return PrefillPlan(tuple(sites), tuple(left_alone), tuple(matches))
+
+
+def _placeholder_after(graph: fx.Graph, anchor: fx.Node, name: str, example: torch.Tensor) -> fx.Node:
+    with graph.inserting_after(anchor):
+        node = graph.placeholder(name)
+    node.meta["example_value"] = example
+    node._dynamo_source = None  # AOTAutograd checks every placeholder has the attribute
+    return node
+
+
+def rewrite_prefill(gm: fx.GraphModule, plan: PrefillPlan, config: CSPConfig, *, prompt_inputs: bool) -> PrefillRewrite:
+    """Apply ``plan`` to ``gm`` in place (``gm`` must be a copy of Dynamo's graph). With
+    ``prompt_inputs`` the graph gains two trailing inputs, the (b, L) modality ids and padding
+    mask; without, every token counts as text and none as padding."""
+    graph = gm.graph
+    first_query = _fake(plan.sites[0].match.query)
+    modality = padding = None
+    if prompt_inputs:
+        batch, _, length, _ = first_query.shape
+        with first_query.fake_mode:
+            modality_example = torch.empty(batch, length, dtype=torch.int64)
+            padding_example = torch.empty(batch, length, dtype=torch.int64)
+        last = [n for n in graph.nodes if n.op == "placeholder"][-1]
+        modality = _placeholder_after(graph, last, "csp_modality", modality_example)
+        padding = _placeholder_after(graph, modality, "csp_attention_mask_2d", padding_example)
+
+    op_kwargs = config_op_args(config)
+    replaced: dict[fx.Node, fx.Node] = {}
+    extra_outputs: list[fx.Node] = []
+    for site in plan.sites:
+        m = site.match
+        enable_gqa = m.pattern == "sdpa_gqa"
+        args = (m.query, site.key_cat, site.value_cat, m.mask, modality, padding, m.scale, m.is_causal, enable_gqa)
+        with graph.inserting_before(m.output):
+            op = graph.call_function(PREFILL_OP, args, op_kwargs)
+            items = [graph.call_function(operator.getitem, (op, i)) for i in range(5)]
+        with first_query.fake_mode:
+            examples = PREFILL_OP(*fx.node.map_arg(args, _fake), **op_kwargs)
+        op.meta["example_value"] = examples
+        for item, example in zip(items, examples):
+            item.meta["example_value"] = example
+        m.output.replace_all_uses_with(items[0])
+        replaced[site.key_cat], replaced[site.value_cat] = items[2], items[3]
+        extra_outputs += [items[1], items[4]]
+
+    output_node = next(n for n in graph.nodes if n.op == "output")
+    outputs = list(output_node.args[0])
+    output_node.args = (tuple(replaced.get(o, o) for o in outputs) + tuple(extra_outputs),)
+    graph.eliminate_dead_code()
+    graph.lint()
+    gm.recompile()
+    return PrefillRewrite(len(outputs), tuple(s.match.layer_index for s in plan.sites))
+
+
+def copy_dynamo_graph(gm: fx.GraphModule) -> fx.GraphModule:
+    """A rewritable copy of Dynamo's graph: Dynamo reads its own graph (placeholders' metadata,
+    the output node) after the backend returns, so that one must stay untouched."""
+    graph = fx.Graph()
+    value_map: dict[fx.Node, fx.Node] = {}
+    graph.output(graph.graph_copy(gm.graph, value_map))
+    for old, new in value_map.items():
+        if old.op == "placeholder":
+            new._dynamo_source = getattr(old, "_dynamo_source", None)
+    copy = fx.GraphModule(gm, graph)
+    copy.meta.update(gm.meta)
+    if hasattr(gm, "_param_name_to_source"):
+        copy._param_name_to_source = gm._param_name_to_source
+    return copy

@@ -1,0 +1,222 @@
+"""optimize(model): full budget = the eager model; budget 0.2 = the eager model evicted by hand
+with the reference selection; decode compiles once; bad input leaves the model as it was."""
+
+import pytest
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+from transformers.cache_utils import DynamicCache, StaticCache
+
+import csp_compile
+from csp_compile import CSPConfig, resolve_budget
+from csp_compile.modality import ModalityUnavailableError
+from csp_compile.testing import FAMILIES, build_tiny_vlm, make_inputs
+from eager_oracle import evicting_generate
+
+NEW_TOKENS = 4
+
+
+class FailOnRecompileAfterFirstDecode(LogitsProcessor):
+    """Called after every forward of generate: from the second decode step on, any recompile raises."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, input_ids, scores):
+        self.calls += 1
+        if self.calls == 2:
+            torch.compiler.set_stance("fail_on_recompile")
+        return scores
+
+
+def generate(model, inputs, **kwargs):
+    with torch.no_grad():
+        return model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True,
+                              return_dict_in_generate=True, **kwargs)
+
+
+def batch_inputs(model, family):
+    if family == "gemma3":  # sliding-window layers: padded batches are not supported with eviction
+        return make_inputs(model, batch=1, text_len=40)
+    return make_inputs(model, batch=2, text_len=40, pad_left=[0, 5])
+
+
+@pytest.fixture(autouse=True)
+def default_stance():
+    yield
+    torch.compiler.set_stance("default")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_full_budget_equals_eager(family):
+    model = build_tiny_vlm(family)
+    inputs = make_inputs(model, batch=2, text_len=24, pad_left=[0, 3])
+    reference = generate(model, inputs)
+    csp_compile.optimize(model, budget=1.0)
+    out = generate(model, inputs)
+    assert torch.equal(out.sequences, reference.sequences)
+    difference = (torch.stack(out.logits) - torch.stack(reference.logits)).abs().max().item()
+    assert difference < 1e-4, difference
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_budget_02_matches_reference_eviction_and_decodes_without_recompiles(family):
+    model = build_tiny_vlm(family)
+    inputs = batch_inputs(model, family)
+    config = CSPConfig(budget=0.2, window=4)
+    reference, reference_kept = evicting_generate(model, inputs, config, NEW_TOKENS)
+
+    csp_compile.optimize(model, config)
+    out = generate(model, inputs, logits_processor=LogitsProcessorList([FailOnRecompileAfterFirstDecode()]))
+    torch.compiler.set_stance("default")
+
+    kept = csp_compile.kept_positions(model)
+    length = inputs["input_ids"].shape[1]
+    real_lengths = inputs["attention_mask"].sum(-1).tolist()
+    assert any(k is not None for k in kept)
+    for layer, (ours, theirs) in enumerate(zip(kept, reference_kept)):
+        assert (ours is None) == (theirs is None), layer
+        if ours is None:
+            continue
+        assert ours.shape[-1] == resolve_budget(length, config)[0]
+        for b, real in enumerate(real_lengths):
+            assert int((ours[b] >= 0).sum(-1).unique().item()) == resolve_budget(real, config)[0]
+        assert torch.equal(ours, theirs), f"layer {layer}"
+    assert torch.equal(out.sequences, reference.sequences)
+    difference = (torch.stack(out.logits) - torch.stack(reference.logits)).abs().max().item()
+    assert difference < 1e-4, difference
+
+
+def test_new_prompt_length_recompiles_prefill_only():
+    model = build_tiny_vlm("llava")
+    csp_compile.optimize(model, budget=0.3, window=4)
+    generate(model, make_inputs(model, text_len=20))
+    state = model._csp_compile.state
+    decode_graphs = state.compiled_graphs["other"]
+    inputs = make_inputs(model, text_len=31)
+
+    class StanceAfterPrefill(LogitsProcessor):  # the decode graph exists: no recompile from the first step
+        def __call__(self, input_ids, scores):
+            torch.compiler.set_stance("fail_on_recompile")
+            return scores
+
+    generate(model, inputs, logits_processor=LogitsProcessorList([StanceAfterPrefill()]))
+    assert state.compiled_graphs["other"] == decode_graphs
+    assert state.physical_length == resolve_budget(inputs["input_ids"].shape[1], state.config)[0]
+
+
+def test_eager_attention_implementation():
+    model = build_tiny_vlm("llava", attn_implementation="eager")
+    inputs = make_inputs(model, batch=2, text_len=24, pad_left=[0, 3])
+    config = CSPConfig(budget=0.3, window=4)
+    reference = generate(model, inputs)
+    csp_compile.optimize(model, budget=1.0)
+    assert "pattern=eager" in csp_compile.explain(model)
+    full = generate(model, inputs)
+    assert torch.equal(full.sequences, reference.sequences)
+    assert (torch.stack(full.logits) - torch.stack(reference.logits)).abs().max().item() < 1e-4
+    csp_compile.optimize(model, config)
+    generate(model, inputs)
+    kept = csp_compile.kept_positions(model)
+    assert all(k.shape[-1] == resolve_budget(inputs["input_ids"].shape[1], config)[0] for k in kept)
+
+
+def test_explain_names_layers_patterns_and_left_alone():
+    model = build_tiny_vlm("gemma3")
+    csp_compile.optimize(model)
+    text = csp_compile.explain(model)
+    assert "layers.1.self_attn" in text and "pattern=sdpa" in text and "kv_heads=2" in text
+    assert "sliding-window" in text and "left alone (2)" in text
+
+
+def state_of(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_untouched(model, before):
+    assert not csp_compile.is_optimized(model)
+    assert "forward" not in model.get_decoder().__dict__
+    assert not model._forward_pre_hooks and not model.get_decoder()._forward_pre_hooks
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_restore_gives_the_original_model_back():
+    model = build_tiny_vlm("llava")
+    inputs = make_inputs(model)
+    before = state_of(model)
+    reference = generate(model, inputs)
+    csp_compile.optimize(model, budget=0.2, window=4)
+    csp_compile.optimize(model, budget=0.5, window=4)  # re-optimising replaces the setup
+    assert model._csp_compile.state.config.budget == 0.5
+    generate(model, inputs)
+    csp_compile.restore(model)
+    assert_untouched(model, before)
+    assert torch.equal(generate(model, inputs).sequences, reference.sequences)
+
+
+@pytest.mark.parametrize("bad", [dict(budget=0.0), dict(window=0), dict(policy="nope"), dict(bugdet=0.1)])
+def test_invalid_config_leaves_model_untouched(bad):
+    model = build_tiny_vlm("llava")
+    before = state_of(model)
+    with pytest.raises(ValueError):
+        csp_compile.optimize(model, **bad)
+    assert_untouched(model, before)
+
+
+def test_model_without_language_model_attention_is_rejected():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with pytest.raises(TypeError):
+        csp_compile.optimize(torch.zeros(3))
+    with pytest.raises(csp_compile.NoAttentionFoundError, match="get_decoder"):
+        csp_compile.optimize(model)
+    vlm = build_tiny_vlm("llava")
+    vlm.get_decoder().config._attn_implementation = "flex_attention"
+    before = state_of(vlm)
+    with pytest.raises(csp_compile.NoAttentionFoundError, match="flex_attention"):
+        csp_compile.optimize(vlm)
+    assert_untouched(vlm, before)
+
+
+def test_unsupported_cache_is_a_clear_error():
+    model = build_tiny_vlm("llava")
+    inputs = make_inputs(model)
+    csp_compile.optimize(model)
+    static = StaticCache(config=model.config.get_text_config(), max_cache_len=128)
+    with pytest.raises(csp_compile.UnsupportedCacheError, match="StaticCache"):
+        with torch.no_grad():
+            model(**inputs, cache=static)
+    offloaded = DynamicCache(config=model.config.get_text_config(), offloading=True)
+    with pytest.raises(csp_compile.UnsupportedCacheError, match="offload"):
+        with torch.no_grad():
+            model(**inputs, cache=offloaded)
+
+
+def test_inputs_embeds_without_ids_is_a_clear_error():
+    model = build_tiny_vlm("llava")
+    inputs = make_inputs(model)
+    csp_compile.optimize(model)
+    embeds = model.get_input_embeddings()(inputs["input_ids"])
+    with pytest.raises(ModalityUnavailableError):
+        with torch.no_grad():
+            model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"])
+    assert model._csp_compile.state.layers == {}
+
+
+def test_padded_batch_with_sliding_layers_is_refused_before_running():
+    model = build_tiny_vlm("gemma3")
+    inputs = make_inputs(model, batch=2, text_len=40, pad_left=[0, 4])
+    csp_compile.optimize(model, budget=0.2)
+    with pytest.raises(NotImplementedError, match="sliding-window"):
+        generate(model, inputs)
+
+
+def test_string_backend_on_the_language_model():
+    model = build_tiny_vlm("llava")
+    inputs = make_inputs(model, text_len=30)
+    language_model = model.get_decoder()
+    model.model.language_model = torch.compile(language_model, backend="csp", options={"budget": 0.25, "window": 4})
+    cache = DynamicCache(config=model.config.get_text_config())
+    with pytest.warns(UserWarning, match="no modality ids"), torch.no_grad():
+        model(**inputs, cache=cache, use_cache=True)
+    length = inputs["input_ids"].shape[1]
+    assert [layer.keys.shape[-2] for layer in cache.layers] == [resolve_budget(length, CSPConfig(budget=0.25, window=4))[0]] * 2
