@@ -1,6 +1,6 @@
 """csp_compile: Cross-Self Pruning of vision-language models' KV caches as a compiler pass."""
 
-from csp_compile import backend as _backend  # noqa: F401  (registers backend="csp")
+from csp_compile.backend import register_csp_backend
 from csp_compile.cache import UnsupportedCacheError
 from csp_compile.config import CROSS_RATIO_RULES, CSPConfig
 from csp_compile.nsoftmax import n_softmax
@@ -30,3 +30,5 @@ __all__ = [
     "select_kept",
 ]
 __version__ = "0.1.0"
+
+register_csp_backend()

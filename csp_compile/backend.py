@@ -93,7 +93,6 @@ def _prompt_shape(plan: PrefillPlan) -> tuple[Any, Any]:
     return fake.shape[0], fake.shape[2]
 
 
-@register_backend(name="csp")
 def csp_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: dict | None = None, mode: str | None = None) -> Callable:
     """``torch.compile(language_model, backend="csp", options={"budget": 0.2, ...})``.
 
@@ -104,3 +103,16 @@ def csp_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: d
         raise ValueError(f"backend 'csp' takes no mode (got {mode!r}): pass CSPConfig fields in options=")
     state = CSPState(config=CSPConfig().replace(**(options or {})))
     return CSPBackend(state)(gm, example_inputs)
+
+
+def register_csp_backend() -> None:
+    """Make ``backend="csp"`` a string. An installed package registers it through its
+    ``torch_dynamo_backends`` entry point, which torch loads on first use (registering here too
+    would make torch's load fail as a duplicate); a bare source checkout registers it here."""
+    from importlib.metadata import entry_points
+
+    from torch._dynamo.backends.registry import _COMPILER_FNS
+
+    if any(ep.name == "csp" for ep in entry_points(group="torch_dynamo_backends")) or "csp" in _COMPILER_FNS:
+        return
+    register_backend(csp_backend, name="csp")

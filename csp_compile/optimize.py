@@ -144,8 +144,8 @@ def _language_model(model: nn.Module) -> tuple[nn.Module, str]:
 
 
 def _dry_trace(language_model: nn.Module) -> PrefillPlan:
-    """Trace a short probe prefill of the language model and plan the rewrite; raise if there
-    is nothing to rewrite. Runs no compiled code and changes nothing."""
+    """Trace a short probe prefill of the language model (run eagerly, with a cache of its own)
+    and plan the rewrite; raise if there is nothing to rewrite. Changes nothing."""
     from transformers.cache_utils import DynamicCache
 
     plans: list[PrefillPlan] = []

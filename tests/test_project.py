@@ -38,3 +38,12 @@ def test_selection_example_runs():
     assert set(rows) >= {"full", "csp", "snapkv", "h2o", "streaming", "lookm_text_prior", "random"}
     assert rows["full"][0] == "1.00"
     assert all(0.2 <= float(values[0]) <= 0.3 for name, values in rows.items() if name != "full")
+
+
+def test_backend_string_works_without_importing_the_package():
+    """The torch_dynamo_backends entry point makes backend="csp" known to a fresh interpreter."""
+    code = "import torch, sys; f = torch.compile(lambda x: x + 1, backend='csp'); " \
+           "assert f(torch.ones(2)).tolist() == [2.0, 2.0]; print('csp_compile' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd="/")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "True"
