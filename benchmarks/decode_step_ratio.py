@@ -5,6 +5,8 @@
 Both runs use one process and one random-weight Llava (MHA language model, so the KV cache is a
 large share of the bytes a decode step reads); the ratio is of medians over the decode steps
 after the first two (which compile). Absolute times depend on the machine; the ratio is the figure.
+``decode_bound`` is (weight bytes + full KV bytes) / (weight bytes + kept KV bytes): what a
+memory-bound decode step could gain at most.
 """
 
 from __future__ import annotations
@@ -65,6 +67,13 @@ def main() -> None:
     del language_model.forward
     csp_compile.optimize(model, budget=args.budget, window=32)
     pruned = timed_generate(model, inputs, args.new_tokens)
+    kept = csp_compile.kept_positions(model)[0].shape[-1]
+
+    text = model.config.get_text_config()
+    weight_bytes = sum(p.numel() * p.element_size() for p in language_model.parameters())
+    weight_bytes += model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+    kv_per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * text.head_dim * 4  # fp32 K and V
+    bound = (weight_bytes + kv_per_token * length) / (weight_bytes + kv_per_token * kept)
 
     result = {
         "model": f"random-weight Llava, language model {shape}",
@@ -73,6 +82,10 @@ def main() -> None:
         "decode_step_ms_compiled": plain * 1e3,
         "decode_step_ms_csp": pruned * 1e3,
         "decode_speedup": plain / pruned,
+        "decode_bound": bound,
+        "kept_tokens": kept,
+        "weight_bytes": weight_bytes,
+        "kv_bytes_full": kv_per_token * length,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
