@@ -35,8 +35,13 @@ class CSPState(EvictionState):
     hooked: bool = False  # a pre-hook sets modality / attention_mask_2d before each prefill
     modality: torch.Tensor | None = None  # (b, L)
     attention_mask_2d: torch.Tensor | None = None  # (b, L) int64, 1 = real token
+    physical_mask_2d: torch.Tensor | None = None  # at decode, for models that build per-layer-type masks
     plans: list[PrefillPlan] = field(default_factory=list)  # one per compiled prefill graph
     compiled_graphs: dict[str, int] = field(default_factory=lambda: {"prefill": 0, "other": 0})
+
+    def reset(self) -> None:
+        super().reset()
+        self.physical_mask_2d = None
 
 
 class CSPBackend:

@@ -61,7 +61,9 @@ def optimize(model: nn.Module, config: CSPConfig | None = None, **overrides: Any
     installed.handles.append(
         model.register_forward_pre_hook(_model_pre_hook(model, language_model, state), with_kwargs=True)
     )
-    installed.handles.append(language_model.register_forward_pre_hook(_language_model_pre_hook, with_kwargs=True))
+    installed.handles.append(
+        language_model.register_forward_pre_hook(_language_model_pre_hook(language_model, state), with_kwargs=True)
+    )
     forward = _own_code_object(type(language_model).forward.__get__(language_model))
     language_model.forward = torch.compile(forward, backend=CSPBackend(state))
     setattr(model, _ATTR, installed)
@@ -203,6 +205,9 @@ def _model_pre_hook(model: nn.Module, language_model: nn.Module, state: CSPState
             if not state.evicted or not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
                 return None
             mask = physical_attention_mask(attention_mask, state.slot_valid(), state.prompt_length)
+            if _has_sliding_layers(language_model):  # sliding layers read the logical mask: fixed per layer type
+                state.physical_mask_2d = mask
+                return None
             return args, {**kwargs, "attention_mask": mask}
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         modality = modality_ids(
@@ -214,13 +219,6 @@ def _model_pre_hook(model: nn.Module, language_model: nn.Module, state: CSPState
         batch, length = modality.shape
         if attention_mask is None:
             attention_mask = torch.ones(batch, length, dtype=torch.int64, device=modality.device)
-        padded = bool((attention_mask == 0).any())
-        if padded and _has_sliding_layers(language_model) and kept_slots(length, state.config) < length:
-            raise NotImplementedError(
-                f"{type(model).__name__} has sliding-window layers, whose padding mask stays logical while the "
-                "evicted layers' becomes physical: batches with padding are not supported for it yet; run one "
-                "sequence per call (no padding) or use budget=1.0"
-            )
         state.reset()
         state.modality = modality
         state.attention_mask_2d = attention_mask.to(torch.int64)
@@ -230,24 +228,71 @@ def _model_pre_hook(model: nn.Module, language_model: nn.Module, state: CSPState
     return hook
 
 
-def _language_model_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-    """At decode: contiguous cache tensors with dynamic lengths, and dynamic mask lengths, so
-    decoding compiles once."""
-    cache = _cache_of(kwargs)
-    if cache is None or cache.get_seq_length() == 0:
-        return None
-    for layer in cache.layers:
-        if getattr(layer, "keys", None) is not None:
-            # A sliding layer stores a strided view after prefill and a fresh tensor after the first
-            # decode step: make the layouts agree so the decode graph's stride guards hold.
-            layer.keys, layer.values = layer.keys.contiguous(), layer.values.contiguous()
-            torch._dynamo.maybe_mark_dynamic(layer.keys, 2)
-            torch._dynamo.maybe_mark_dynamic(layer.values, 2)
-    masks = kwargs.get("attention_mask")
-    for mask in masks.values() if isinstance(masks, dict) else [masks]:
-        if isinstance(mask, torch.Tensor) and mask.dim() >= 2:
-            torch._dynamo.maybe_mark_dynamic(mask, mask.dim() - 1)
-    return None
+def _language_model_pre_hook(language_model: nn.Module, state: CSPState):
+    """At decode: contiguous cache tensors with dynamic lengths and dynamic mask lengths, so
+    decoding compiles once; with sliding-window layers beside evicted ones, the evicted layer
+    type's mask is rebuilt over physical slots (the sliding layers' stays logical)."""
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        cache = _cache_of(kwargs)
+        masks = kwargs.get("attention_mask")
+        if cache is None or cache.get_seq_length() == 0:
+            _refuse_unmappable_padding(language_model, state, masks)
+            return None
+        for layer in cache.layers:
+            if getattr(layer, "keys", None) is not None:
+                # A sliding layer stores a strided view after prefill and a fresh tensor after the
+                # first decode step: make the layouts agree so the decode graph's stride guards hold.
+                layer.keys, layer.values = layer.keys.contiguous(), layer.values.contiguous()
+                torch._dynamo.maybe_mark_dynamic(layer.keys, 2)
+                torch._dynamo.maybe_mark_dynamic(layer.values, 2)
+        if isinstance(masks, dict) and state.physical_mask_2d is not None:
+            masks = {**masks}
+            for kind in _evicted_layer_types(language_model, state):
+                if isinstance(masks.get(kind), torch.Tensor):
+                    masks[kind] = physical_4d_mask(state.physical_mask_2d, masks[kind])
+            kwargs = {**kwargs, "attention_mask": masks}
+        for mask in masks.values() if isinstance(masks, dict) else [masks]:
+            if isinstance(mask, torch.Tensor) and mask.dim() >= 2:
+                torch._dynamo.maybe_mark_dynamic(mask, mask.dim() - 1)
+        return args, kwargs
+
+    return hook
+
+
+def physical_4d_mask(mask_2d: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A decode step's (b, 1, q, P + t) mask over physical slots from the physical 2-D padding
+    mask, in the dtype convention of ``like`` (bool = attend, or additive float); the q new
+    tokens see the cache and each other causally."""
+    batch, kv_length = mask_2d.shape
+    queries = like.shape[-2]
+    key = torch.arange(kv_length, device=mask_2d.device)
+    query = torch.arange(kv_length - queries, kv_length, device=mask_2d.device)
+    allowed = mask_2d.bool()[:, None, None, :] & (key[None, None, None, :] <= query[None, None, :, None])
+    if like.dtype == torch.bool:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=like.dtype, device=like.device).masked_fill(~allowed, torch.finfo(like.dtype).min)
+
+
+def _evicted_layer_types(language_model: nn.Module, state: CSPState) -> set[str]:
+    layer_types = getattr(language_model.config, "layer_types", None) or ()
+    evicted = {layer_types[i] for i in state.layers if i < len(layer_types)}
+    shared = evicted & {kind for i, kind in enumerate(layer_types) if i not in state.layers}
+    if shared:
+        raise NotImplementedError(f"layer type(s) {sorted(shared)} mix evicted and whole layers: cannot build their mask")
+    return evicted
+
+
+def _refuse_unmappable_padding(language_model: nn.Module, state: CSPState, masks: Any) -> None:
+    """A padded batch on a model with sliding-window layers needs per-layer-type masks (a dict):
+    with one 2-D mask for all layers the evicted and the sliding ones cannot both be right."""
+    evicting = state.prompt_length is not None and kept_slots(state.prompt_length, state.config) < state.prompt_length
+    padded = state.attention_mask_2d is not None and bool((state.attention_mask_2d == 0).any())
+    if evicting and padded and _has_sliding_layers(language_model) and not isinstance(masks, dict):
+        raise NotImplementedError(
+            f"{type(language_model).__name__} has sliding-window layers and receives one padding mask for all "
+            "layers: padded batches with eviction are not supported for it; run one sequence per call or use budget=1.0"
+        )
 
 
 def _has_sliding_layers(language_model: nn.Module) -> bool:

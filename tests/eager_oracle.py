@@ -69,6 +69,9 @@ def evicting_generate(model, inputs: dict, config: CSPConfig, max_new_tokens: in
         state["kept"] = kept_per_layer
         state["slots"] = slots
 
+    layer_types = getattr(language_model.config, "layer_types", None) or []
+    sliding = any("sliding" in kind for kind in layer_types)
+
     def physical_mask_at_decode(module, args, kwargs):
         cache = _cache(kwargs)
         if state["kept"] is None or cache is None or cache.get_seq_length() == 0 or state["slots"] >= length:
@@ -77,11 +80,22 @@ def evicting_generate(model, inputs: dict, config: CSPConfig, max_new_tokens: in
         if mask is None or mask.dim() != 2:
             return None
         physical = torch.cat([state["slot_valid"].to(mask.dtype), mask[:, length:]], dim=-1)
+        if sliding:  # the sliding layers keep the logical mask; the full layers' mask is fixed below
+            state["physical"] = physical
+            return None
         return args, {**kwargs, "attention_mask": physical}
+
+    def full_attention_mask_at_decode(module, args, kwargs):
+        masks = kwargs.get("attention_mask")
+        if state.get("physical") is None or not isinstance(masks, dict) or masks.get("full_attention") is None:
+            return None
+        allowed = state["physical"].bool()[:, None, None, :]  # decode: one query sees every real slot
+        return args, {**kwargs, "attention_mask": {**masks, "full_attention": allowed}}
 
     handles = [
         language_model.register_forward_hook(prune_after_prefill, with_kwargs=True),
         model.register_forward_pre_hook(physical_mask_at_decode, with_kwargs=True),
+        language_model.register_forward_pre_hook(full_attention_mask_at_decode, with_kwargs=True),
     ]
     mapping["sdpa"] = recording_sdpa
     try:

@@ -8,6 +8,7 @@ from transformers.cache_utils import DynamicCache, StaticCache
 
 import csp_compile
 from csp_compile import CSPConfig, resolve_budget
+from csp_compile.backend import CSPState
 from csp_compile.modality import ModalityUnavailableError
 from csp_compile.testing import FAMILIES, build_tiny_vlm, make_inputs
 from eager_oracle import evicting_generate
@@ -35,8 +36,6 @@ def generate(model, inputs, **kwargs):
 
 
 def batch_inputs(model, family):
-    if family == "gemma3":  # sliding-window layers: padded batches are not supported with eviction
-        return make_inputs(model, batch=1, text_len=40)
     return make_inputs(model, batch=2, text_len=40, pad_left=[0, 5])
 
 
@@ -202,12 +201,18 @@ def test_inputs_embeds_without_ids_is_a_clear_error():
     assert model._csp_compile.state.layers == {}
 
 
-def test_padded_batch_with_sliding_layers_is_refused_before_running():
+def test_one_mask_for_sliding_and_evicted_layers_is_refused():
+    """Sliding layers beside evicted ones need per-layer-type masks; a single 2-D mask is refused."""
+    from csp_compile.optimize import _refuse_unmappable_padding
+
     model = build_tiny_vlm("gemma3")
-    inputs = make_inputs(model, batch=2, text_len=40, pad_left=[0, 4])
-    csp_compile.optimize(model, budget=0.2)
+    state = CSPState(config=CSPConfig(budget=0.2), prompt_length=40)
+    state.attention_mask_2d = torch.ones(2, 40, dtype=torch.int64)
+    _refuse_unmappable_padding(model.get_decoder(), state, torch.ones(2, 40))  # no padding: fine
+    _refuse_unmappable_padding(model.get_decoder(), state, {"full_attention": None})  # per-type masks: fine
+    state.attention_mask_2d[1, :3] = 0
     with pytest.raises(NotImplementedError, match="sliding-window"):
-        generate(model, inputs)
+        _refuse_unmappable_padding(model.get_decoder(), state, torch.ones(2, 40))
 
 
 def test_string_backend_on_the_language_model():
@@ -220,3 +225,24 @@ def test_string_backend_on_the_language_model():
         model(**inputs, cache=cache, use_cache=True)
     length = inputs["input_ids"].shape[1]
     assert [layer.keys.shape[-2] for layer in cache.layers] == [resolve_budget(length, CSPConfig(budget=0.25, window=4))[0]] * 2
+
+
+@pytest.mark.parametrize("family", ["llava", "gemma3", "paligemma", "idefics3"])
+def test_padded_batch_equals_each_sequence_alone(family):
+    """Each sequence of a left-padded batch keeps its own budget: same kept positions (shifted by
+    its padding) and the same greedy tokens as when it is generated alone, without padding."""
+    model = build_tiny_vlm(family)
+    pads = [0, 5]
+    inputs = make_inputs(model, batch=2, text_len=40, pad_left=pads)
+    csp_compile.optimize(model, budget=0.2, window=4)
+    batched = generate(model, inputs).sequences[:, inputs["input_ids"].shape[1]:]
+    batched_kept = [k for k in csp_compile.kept_positions(model) if k is not None]
+    for b, pad in enumerate(pads):
+        alone = {key: (value[b:b + 1, pad:] if value.dim() >= 2 and value.shape[:2] == inputs["input_ids"].shape
+                       else value[b:b + 1] if value.shape[0] == 2 else value)
+                 for key, value in inputs.items()}
+        tokens = generate(model, alone).sequences[0, alone["input_ids"].shape[1]:]
+        assert torch.equal(tokens, batched[b, : len(tokens)])  # the batch pads a sequence that ended early
+        for ours, single in zip(batched_kept, [k for k in csp_compile.kept_positions(model) if k is not None]):
+            row = ours[b][ours[b] >= 0].view(ours.shape[1], -1) - pad
+            assert torch.equal(row, single[0])
