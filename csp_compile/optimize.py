@@ -2,9 +2,10 @@
 
 The language model (``model.get_decoder()``) is compiled with ``CSPBackend``; the vision tower
 is never compiled. Two forward pre-hooks carry what the compiled graph cannot see: the model's
-hook computes each prompt's modality ids and padding mask; the language model's hook, at
-decode, rewrites the 2-D padding mask onto the evicted cache's physical slots and marks the
-cache length dynamic so decoding compiles once.
+hook computes each prompt's modality ids and padding mask at prefill and, at decode after an
+eviction, maps the 2-D padding mask onto the cache's physical slots; the language model's hook
+marks cache and mask lengths dynamic so decoding compiles once (and, for models that pass one
+mask per layer type, rebuilds the evicted type's mask).
 """
 
 from __future__ import annotations
@@ -50,9 +51,11 @@ def optimize(model: nn.Module, config: CSPConfig | None = None, **overrides: Any
     replaces the previous setup; ``restore(model)`` undoes it. On any error the model is left as
     it was.
     """
-    config = (config or CSPConfig()).replace(**overrides) if overrides else (config or CSPConfig())
+    config = CSPConfig() if config is None else config
     if not isinstance(config, CSPConfig):
         raise TypeError(f"config must be a CSPConfig, got {type(config).__name__}")
+    if overrides:
+        config = config.replace(**overrides)
     language_model, path = _language_model(model)
     dry_plan = _dry_trace(language_model)
     restore(model)
