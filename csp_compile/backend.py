@@ -83,7 +83,6 @@ class CSPBackend:
                 args = (*args, state.modality, state.attention_mask_2d)
             outputs = compiled(*args)
             extras = outputs[layout.num_outputs:]
-            state.layers.clear()
             for i, layer_index in enumerate(layout.layer_indices):
                 key = layer_index if layer_index is not None else i
                 state.layers[key] = LayerEviction(kept=extras[2 * i], slot_valid=extras[2 * i + 1])

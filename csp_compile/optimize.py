@@ -10,6 +10,7 @@ mask per layer type, rebuilds the evicted type's mask).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import types
 from collections.abc import Callable
@@ -68,7 +69,7 @@ def optimize(model: nn.Module, config: CSPConfig | None = None, **overrides: Any
         language_model.register_forward_pre_hook(_language_model_pre_hook(language_model, state), with_kwargs=True)
     )
     forward = _own_code_object(type(language_model).forward.__get__(language_model))
-    language_model.forward = torch.compile(forward, backend=CSPBackend(state))
+    language_model.forward = _capturing_data_dependent_ops(torch.compile(forward, backend=CSPBackend(state)))
     setattr(model, _ATTR, installed)
     return model
 
@@ -110,8 +111,9 @@ def explain(model: nn.Module) -> str:
     ]
     for site in plan.sites:
         m = site.match
+        index = "?" if m.layer_index is None else m.layer_index
         lines.append(
-            f"  layer {m.layer_index:>3}  {m.module_path}  pattern={m.pattern}  heads={m.num_heads} "
+            f"  layer {index:>3}  {m.module_path}  pattern={m.pattern}  heads={m.num_heads} "
             f"kv_heads={m.num_kv_heads} head_dim={m.head_dim}  mask={m.mask_kind}"
         )
     lines.append(f"left alone ({len(plan.left_alone)}):")
@@ -191,6 +193,32 @@ def _own_code_object(function: Callable) -> Callable:
     return types.FunctionType(code, trampoline.__globals__, code.co_name, None, trampoline.__closure__)
 
 
+def _capturing_data_dependent_ops(compiled: Callable) -> Callable:
+    """Trace with data-dependent output shapes (e.g. Qwen3-VL's boolean-mask indexing) kept in
+    the graph: a graph break there would split the prefill into per-layer graphs."""
+
+    @functools.wraps(compiled)
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+            return compiled(*args, **kwargs)
+
+    return forward
+
+
+def _check_uniform_eviction(cache: Any, state: CSPState) -> None:
+    """Every evicting layer must hold the same physical length; a layer that ran outside the
+    compiled prefill (a graph break, Dynamo's recompile limit) would make its masks wrong."""
+    lengths = {i: layer.keys.shape[-2] for i, layer in enumerate(cache.layers)
+               if type(layer).__name__ == "DynamicLayer" and getattr(layer, "keys", None) is not None}
+    if state.evicted and len(set(lengths.values())) > 1:
+        missing = sorted(i for i in lengths if i not in state.layers)
+        raise RuntimeError(
+            f"csp: after the prefill, full-attention cache layers hold different lengths {lengths}; layers "
+            f"{missing} were not evicted (the prefill did not run as one compiled graph: a graph break or "
+            "Dynamo's recompile limit). Call csp_compile.restore(model) and report the model."
+        )
+
+
 def _cache_of(kwargs: dict) -> Any:
     cache = kwargs.get("cache")  # transformers >= 5.2x; older releases call it past_key_values
     return cache if cache is not None else kwargs.get("past_key_values")
@@ -242,6 +270,7 @@ def _language_model_pre_hook(language_model: nn.Module, state: CSPState):
         if cache is None or cache.get_seq_length() == 0:
             _refuse_unmappable_padding(language_model, state, masks)
             return None
+        _check_uniform_eviction(cache, state)
         for layer in cache.layers:
             if getattr(layer, "keys", None) is not None:
                 # A sliding layer stores a strided view after prefill and a fresh tensor after the

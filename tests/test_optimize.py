@@ -246,3 +246,16 @@ def test_padded_batch_equals_each_sequence_alone(family):
         for ours, single in zip(batched_kept, [k for k in csp_compile.kept_positions(model) if k is not None]):
             row = ours[b][ours[b] >= 0].view(ours.shape[1], -1) - pad
             assert torch.equal(row, single[0])
+
+
+def test_data_dependent_indexing_keeps_one_prefill_graph():
+    """Qwen3-VL indexes hidden states with a boolean mask (deepstack): traced as a graph break, the
+    prefill would split into per-layer graphs and Dynamo's recompile limit (8) would leave layers
+    unevicted. Every one of 10 layers must be evicted by a single prefill graph."""
+    model = build_tiny_vlm("qwen3_vl", num_hidden_layers=10)
+    inputs = make_inputs(model, batch=2, pad_left=[0, 3])
+    csp_compile.optimize(model, budget=0.2, window=4)
+    generate(model, inputs)
+    kept = csp_compile.kept_positions(model)
+    assert all(k is not None and k.shape[-1] == kept[0].shape[-1] for k in kept)
+    assert model._csp_compile.state.compiled_graphs["prefill"] == 1

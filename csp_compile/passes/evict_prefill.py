@@ -143,7 +143,12 @@ def rewrite_prefill(gm: fx.GraphModule, plan: PrefillPlan, config: CSPConfig, *,
     output_node = next(n for n in graph.nodes if n.op == "output")
     outputs = list(output_node.args[0])
     output_node.args = (tuple(replaced.get(o, o) for o in outputs) + tuple(extra_outputs),)
-    graph.eliminate_dead_code()
+    # Erase only the replaced attention nodes: a whole-graph dead-code pass would also drop
+    # in-place updates whose results go unused (e.g. Llama4's MoE ``out.add_(...)``).
+    for site in plan.sites:
+        for node in reversed(site.match.nodes):
+            if not node.users:
+                graph.erase_node(node)
     graph.lint()
     gm.recompile()
     return PrefillRewrite(len(outputs), tuple(s.match.layer_index for s in plan.sites))

@@ -157,6 +157,17 @@ def _qwen2_5_vl_config(text: dict) -> PreTrainedConfig:
     )
 
 
+def _qwen3_vl_config(text: dict) -> PreTrainedConfig:
+    kw = _text_kwargs(text)
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=kw["hidden_size"],
+                  patch_size=_QWEN_PATCH, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                  deepstack_visual_indexes=[0])
+    rope = dict(_mrope(kw), mrope_interleaved=True)
+    return transformers.Qwen3VLConfig(
+        text_config=dict(kw, rope_parameters=rope), vision_config=vision, **_qwen_ids(kw["vocab_size"])
+    )
+
+
 def _gemma3_config(text: dict) -> PreTrainedConfig:
     # 3 layers with sliding_window_pattern 2: sliding, full, sliding. A 16-token window is shorter
     # than the default prompt, so the sliding layers really slide.
@@ -291,6 +302,7 @@ _FAMILIES: dict[str, _Family] = {
     "smolvlm": _Family("SmolVLMForConditionalGeneration",
                        _idefics_config(transformers.SmolVLMConfig, _SMOLVLM_IMAGE), _smolvlm_image),
     "llava_onevision": _Family("LlavaOnevisionForConditionalGeneration", _llava_onevision_config, _anyres_image),
+    "qwen3_vl": _Family("Qwen3VLForConditionalGeneration", _qwen3_vl_config, _qwen_image, "mm_token_type_ids"),
 }
 
 FAMILIES: tuple[str, ...] = tuple(_FAMILIES)
