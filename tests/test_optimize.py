@@ -3,6 +3,8 @@ with the reference selection; decode compiles once; bad input leaves the model a
 
 import pytest
 import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 from transformers import LogitsProcessor, LogitsProcessorList
 from transformers.cache_utils import DynamicCache, StaticCache
 
@@ -259,3 +261,26 @@ def test_data_dependent_indexing_keeps_one_prefill_graph():
     kept = csp_compile.kept_positions(model)
     assert all(k is not None and k.shape[-1] == kept[0].shape[-1] for k in kept)
     assert model._csp_compile.state.compiled_graphs["prefill"] == 1
+
+
+_FUZZ_MODEL = {}
+
+
+@given(
+    field=st.sampled_from(["budget", "window", "cross_ratio", "n", "policy", "sink_tokens", "pool_kernel", "seed"]),
+    value=st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-5, 0), st.text(max_size=4),
+                    st.none(), st.booleans()),
+)
+@settings(max_examples=40)
+def test_fuzzed_bad_overrides_leave_the_model_untouched(field, value):
+    try:
+        CSPConfig().replace(**{field: value})
+    except ValueError:
+        pass
+    else:
+        assume(False)  # only invalid values are of interest here
+    model = _FUZZ_MODEL.setdefault("llava", build_tiny_vlm("llava"))
+    before = state_of(model)
+    with pytest.raises(ValueError, match=f"CSPConfig.{field}"):
+        csp_compile.optimize(model, **{field: value})
+    assert_untouched(model, before)
