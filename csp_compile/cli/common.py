@@ -1,0 +1,45 @@
+"""Pieces the subcommands share: the --model argument, loading, threads, the progress bar."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from pathlib import Path
+from typing import Iterator
+
+__all__ = ["add_model_argument", "load_model_or_fail", "progress_bar", "set_threads"]
+
+
+def add_model_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, default=None,
+                        help="local save_pretrained directory of a VLM (default: the shipped tiny VLM)")
+
+
+def load_model_or_fail(path: Path | None):
+    """(model, description); FileNotFoundError / ValueError with one line when it cannot load."""
+    from csp_compile.data.model import SHIPPED_MODEL_DIR, load_model
+
+    model = load_model(path)
+    source = "the shipped tiny VLM" if path is None else str(path)
+    if path is None:
+        source += f" ({SHIPPED_MODEL_DIR.name}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters)"
+    return model, source
+
+
+def set_threads(threads: int | None) -> None:
+    import torch
+
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads must be >= 1: got {threads}")
+        torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def progress_bar(total: int, label: str) -> Iterator:
+    """A tqdm bar of ``total`` steps on stderr (stdout keeps the table clean)."""
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc=label, file=sys.stderr, dynamic_ncols=True) as bar:
+        yield bar

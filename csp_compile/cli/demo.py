@@ -1,0 +1,57 @@
+"""``csp-compile demo``: the shipped tiny VLM answering test prompts with the full cache and with CSP."""
+
+from __future__ import annotations
+
+import argparse
+
+from csp_compile.cli.common import add_model_argument, load_model_or_fail, set_threads
+
+HELP = "answer a few held-out prompts with the shipped tiny VLM, full cache vs CSP (default config)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_argument(parser)
+    parser.add_argument("--n", type=int, default=6, help="test prompts to answer (default 6)")
+    parser.add_argument("--budget", type=float, default=None, help="fraction of the prompt kept (default: CSPConfig's)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from csp_compile.config import CSPConfig
+    from csp_compile.data import render_tokens
+    from csp_compile.evaluation import is_task_model, run_config, run_full, task_eval_set
+
+    if not 1 <= args.n <= 64:
+        raise ValueError(f"--n must be in 1 .. 64: got {args.n}")
+    config = CSPConfig() if args.budget is None else CSPConfig(budget=args.budget)
+    set_threads(args.threads)
+    model, source = load_model_or_fail(args.model)
+    if not is_task_model(model):
+        raise ValueError(f"{source} is not a model of the lookup task: demo needs the shipped tiny VLM "
+                         "(or one trained by examples/train_tiny_vlm.py); use `csp-compile eval --model` for others")
+    evalset = task_eval_set(args.n)
+    print(f"model: {source}")
+    print(f"config: budget={config.budget} window={config.window} cross_ratio={config.cross_ratio} policy={config.policy}")
+    full = run_full(model, evalset)
+    pruned = run_config(model, evalset, config)
+    answers = evalset.answers
+    width = len(render_tokens(answers[0])) + 2
+    print(f"\n{'prompt (image = glyph of the key)':<44}{'expected':<{width}}{'full cache':<{width}}CSP")
+    for i in range(len(evalset)):
+        ids = evalset.inputs["input_ids"][i][evalset.inputs["attention_mask"][i].bool()]
+        text = render_tokens(ids)
+        short = text if len(text) <= 40 else text[:24] + " ... " + text[-11:]
+        marks = ["" if torch.equal(row[i], answers[i]) else " (wrong)" for row in (full.tokens, pruned.tokens)]
+        print(f"{short:<44}{render_tokens(answers[i]):<{width}}{render_tokens(full.tokens[i]) + marks[0]:<{width}}"
+              f"{render_tokens(pruned.tokens[i]) + marks[1]}")
+    accuracy = [float((o.tokens == answers).all(-1).float().mean()) for o in (full, pruned)]
+    length = float(evalset.inputs["attention_mask"].sum(-1).float().mean())
+    print("\nthe image shows a key; the answer is that key's A-value, then its B-value, which is read back "
+          "from the (pruned) cache")
+    print(f"accuracy: full cache {accuracy[0]:.2f}, CSP {accuracy[1]:.2f} on {len(evalset)} prompts of {length:.0f} tokens")
+    print(f"kept fraction (measured from the cache): {pruned.kept_fraction:.3f}")
+    print(f"KV cache after prefill: {pruned.cache_bytes / 1024:.1f} KiB with CSP vs {full.cache_bytes / 1024:.1f} KiB "
+          f"full: {100 * (1 - pruned.cache_bytes / full.cache_bytes):.0f}% saved")
+    return 0

@@ -1,0 +1,80 @@
+"""Policy specs of the command line: ``csp``, ``csp:population``, ``snapkv`` ... -> CSPConfig."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from csp_compile.config import CROSS_RATIO_RULES, CSPConfig
+from csp_compile.policies import available_policies
+
+__all__ = ["PolicySpec", "parse_budgets", "parse_policies"]
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """One evaluated policy: its label (``csp:mass``), registered policy and cross-ratio override."""
+
+    label: str
+    policy: str
+    cross_ratio: str | float | None = None
+
+    def config(self, budget: float, base: CSPConfig) -> CSPConfig:
+        """``base`` with this policy and ``budget`` (and the cross-ratio rule, when the spec names one)."""
+        fields: dict = {"policy": self.policy, "budget": budget}
+        if self.cross_ratio is not None:
+            fields["cross_ratio"] = self.cross_ratio
+        return base.replace(**fields)
+
+
+def _allowed() -> str:
+    rules = ", ".join(f"csp:{rule}" for rule in CROSS_RATIO_RULES)
+    return f"{', '.join(available_policies())}, {rules} or csp:<float in [0, 1]>"
+
+
+def _parse_one(text: str) -> PolicySpec:
+    name, _, rule = text.partition(":")
+    if name not in available_policies():
+        raise ValueError(f"unknown policy {text!r}: allowed {_allowed()}")
+    if not rule:
+        return PolicySpec(text, name)
+    if name != "csp":
+        raise ValueError(f"policy {text!r}: only csp takes a cross-ratio rule after ':'; allowed {_allowed()}")
+    if rule in CROSS_RATIO_RULES:
+        return PolicySpec(text, name, rule)
+    try:
+        ratio = float(rule)
+    except ValueError:
+        raise ValueError(f"policy {text!r}: unknown cross-ratio rule {rule!r}; allowed {_allowed()}") from None
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"policy {text!r}: cross ratio {ratio} is outside [0, 1]")
+    return PolicySpec(text, name, ratio)
+
+
+def parse_policies(text: str) -> list[PolicySpec]:
+    """Comma-separated policy specs, in order, without duplicates; ValueError names the bad one."""
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    if not parts:
+        raise ValueError(f"--policies is empty: allowed a comma-separated list of {_allowed()}")
+    specs = [_parse_one(part) for part in parts]
+    labels = [spec.label for spec in specs]
+    duplicates = sorted({label for label in labels if labels.count(label) > 1})
+    if duplicates:
+        raise ValueError(f"--policies lists {', '.join(duplicates)} more than once")
+    return specs
+
+
+def parse_budgets(text: str) -> list[float]:
+    """Comma-separated budget fractions, each in (0, 1]; ValueError names the bad one."""
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    if not parts:
+        raise ValueError("--budgets is empty: allowed a comma-separated list of fractions in (0, 1]")
+    budgets = []
+    for part in parts:
+        try:
+            value = float(part)
+        except ValueError:
+            raise ValueError(f"budget {part!r} is not a number: allowed fractions in (0, 1]") from None
+        if not 0.0 < value <= 1.0:
+            raise ValueError(f"budget {part} is out of range: allowed fractions in (0, 1]")
+        budgets.append(value)
+    return budgets
