@@ -5,9 +5,11 @@ returns the attention output exactly as the model's own ``scaled_dot_product_att
 would (same mask, scale, GQA handling), plus what eviction needs: the kept positions per KV head
 (DESIGN §2), the pruned K/V that go into the cache, and which cache slots are real.
 
-The op is opaque to the compiler (``torch.library.custom_op`` + ``register_fake``): today its
-selection is the reference ``select_kept``; fused kernels replace the body later behind the same
-signature. The config travels as scalars (an op schema has no dataclass type): build them with
+The op is opaque to the compiler (``torch.library.custom_op`` + ``register_fake``). Its attention
+is the model's own SDPA call (bit-identical output); its selection scores only the window rows,
+by the implementation ``templates.lowering.choose_scoring`` picks for the tensors' device and the
+policy (Triton templates on CUDA, the fused window scorer on CPU, the reference ``select_kept``
+where a policy needs more than the window, or with ``CSP_SCORING=reference``). The config travels as scalars (an op schema has no dataclass type): build them with
 ``config_op_args`` and turn them back with ``config_from_op_args``.
 
 Shapes: ``b`` batch, ``hq`` query heads, ``hkv`` KV heads, ``L`` padded prompt length, ``D`` head dim,
@@ -27,7 +29,7 @@ import torch.nn.functional as F
 
 from csp_compile.config import CROSS_RATIO_RULES, CSPConfig
 from csp_compile.scoring import resolve_budget
-from csp_compile.selection import select_kept
+from csp_compile.templates.lowering import choose_scoring, select_with
 
 __all__ = [
     "config_from_op_args",
@@ -177,16 +179,13 @@ def prefill_attention_op(
     )
 
     b, hkv, length, _ = key.shape
-    if attn_mask is None and not is_causal:  # bidirectional: select_kept reads mask=None as causal
-        select_mask = torch.ones(1, 1, length, length, dtype=torch.bool, device=query.device)
-    else:
-        select_mask = attn_mask
-        while select_mask is not None and select_mask.dim() < 4:
-            select_mask = select_mask.unsqueeze(0)
     if modality is None:
         modality = torch.zeros(query.shape[0], query.shape[2], dtype=torch.int64, device=query.device)
-    selection = select_kept(query, key, modality, config, attention_mask=attention_mask_2d, mask=select_mask,
-                            scale=scale)
+    # Scores from the window rows only (choose_scoring: Triton on CUDA, the fused scorer on CPU,
+    # the reference for policies that need more); the attention output above stays the model's own.
+    choice = choose_scoring(query.device, config.policy, query.dtype)
+    selection = select_with(choice, query, key, modality, config, attn_mask=attn_mask,
+                            attention_mask_2d=attention_mask_2d, scale=scale, is_causal=is_causal)
     slots = kept_slots(length, config)
     indices = selection.indices.to(device=key.device, dtype=torch.int64)
     if indices.shape[-1] > slots:

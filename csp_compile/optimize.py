@@ -26,6 +26,7 @@ from csp_compile.config import CSPConfig
 from csp_compile.modality import modality_ids
 from csp_compile.ops import kept_slots
 from csp_compile.passes.evict_prefill import PrefillPlan, plan_prefill
+from csp_compile.templates.lowering import choose_scoring
 
 _ATTR = "_csp_compile"
 _TRAMPOLINES = itertools.count()
@@ -116,12 +117,21 @@ def explain(model: nn.Module) -> str:
             f"  layer {index:>3}  {m.module_path}  pattern={m.pattern}  heads={m.num_heads} "
             f"kv_heads={m.num_kv_heads} head_dim={m.head_dim}  mask={m.mask_kind}"
         )
+        lines.append(f"{'':13}scoring={_scoring_of(m, config)}")
     lines.append(f"left alone ({len(plan.left_alone)}):")
     lines += [f"  {skip.module_path or '?'}: {skip.reason}" for skip in plan.left_alone]
     return "\n".join(lines)
 
 
 # --- internals ---------------------------------------------------------------------------------
+
+def _scoring_of(match: Any, config: CSPConfig) -> str:
+    """``choose_scoring`` for a rewritten attention, from its query's example value."""
+    query = match.query.meta.get("example_value") if isinstance(match.query, torch.fx.Node) else None
+    device = query.device if isinstance(query, torch.Tensor) else torch.device("cpu")
+    dtype = query.dtype if isinstance(query, torch.Tensor) else torch.float32
+    return str(choose_scoring(device, config.policy, dtype))
+
 
 def _installed(model: nn.Module) -> _Installed:
     installed = model.__dict__.get(_ATTR)

@@ -47,6 +47,12 @@ def select_kept(
     """
     config = config or CSPConfig()
     inputs = make_attention_inputs(query, key, modality, config, attention_mask=attention_mask, mask=mask, scale=scale)
+    return select_from_scores(inputs, config)
+
+
+def select_from_scores(inputs: AttentionInputs, config: CSPConfig, scores: PolicyScores | None = None) -> Selection:
+    """``select_kept``'s budgets, split and top-k on ``inputs``, ranking by ``scores`` (the policy's
+    own, e.g. from a fused scorer) or, when None, by the policy's reference score function."""
     lengths = inputs.valid.sum(-1)
     budgets = torch.tensor([resolve_budget(int(n), config)[0] for n in lengths], dtype=torch.int64)
     policy = get_policy(config.policy)
@@ -55,7 +61,7 @@ def select_kept(
         zeros = torch.zeros(keep.shape[:2], dtype=torch.int64, device=keep.device)
         return _as_selection(keep, lengths.cpu(), zeros)
     k_total = (budgets.to(inputs.window.device) - inputs.window).clamp(min=0)
-    scores = policy.score(inputs, config)
+    scores = policy.score(inputs, config) if scores is None else scores
     k_secondary = policy.split(scores, inputs, config, k_total)
     keep = pick_top(scores, inputs.candidates(), k_total, k_secondary)
     positions = torch.arange(inputs.length, device=keep.device)

@@ -111,5 +111,5 @@ def test_console_entry_points():
     for argv in (["-m", "csp_compile", "--help"],):
         result = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=120)
         assert result.returncode == 0
-        for command in ("demo", "eval", "show-kept"):
+        for command in ("bench", "demo", "eval", "show-kept"):
             assert command in result.stdout

@@ -17,7 +17,7 @@ __all__ = ["CLIError", "SUBCOMMANDS", "main"]
 
 # subcommand name -> module under csp_compile.cli
 SUBCOMMANDS: dict[str, str] = {
-    #BENCH
+    "bench": "csp_compile.cli.bench",
     "demo": "csp_compile.cli.demo",
     "eval": "csp_compile.cli.evaluate",
     "show-kept": "csp_compile.cli.show_kept",

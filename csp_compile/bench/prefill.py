@@ -1,0 +1,63 @@
+"""Prefill: one forward of the whole Llava on a fresh ``DynamicCache`` (what ``generate`` does first),
+timed after warm-up, and the KV bytes it leaves in the cache."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+__all__ = ["cache_bytes", "compile_plain", "prefill", "sync", "time_prefill", "uncompile_plain"]
+
+
+def sync(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def compile_plain(model: PreTrainedModel) -> None:
+    """``torch.compile`` the language model's forward (Inductor, default options): the baseline
+    that ``csp_compile.optimize`` is compared with (it too compiles only the language model)."""
+    language_model = model.get_decoder()
+    language_model.forward = torch.compile(type(language_model).forward.__get__(language_model))
+
+
+def uncompile_plain(model: PreTrainedModel) -> None:
+    model.get_decoder().__dict__.pop("forward", None)
+
+
+def prefill(model: PreTrainedModel, inputs: dict[str, torch.Tensor]) -> Any:
+    """The model's output for the prompt with a fresh cache; only the last position's logits."""
+    cache = DynamicCache(config=model.config.get_text_config())
+    with torch.no_grad():
+        return model(**inputs, cache=cache, use_cache=True, logits_to_keep=1)
+
+
+def time_prefill(model: PreTrainedModel, inputs: dict[str, torch.Tensor], repeats: int,
+                 warmup: int = 2) -> tuple[float, list[float]]:
+    """(median seconds, all timings) of ``repeats`` prefills after ``warmup`` untimed ones (the first
+    compiles)."""
+    device = inputs["input_ids"].device
+    for _ in range(warmup):
+        prefill(model, inputs)
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        prefill(model, inputs)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), times
+
+
+def cache_bytes(cache: Any) -> int:
+    """Bytes of the K and V tensors a cache holds, summed over layers (what decoding reads)."""
+    total = 0
+    for layer in cache.layers:
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total

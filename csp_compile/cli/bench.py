@@ -1,0 +1,107 @@
+"""``csp-compile bench``: measure what CSP costs at prefill and gains at decode, as ratios.
+
+Thin: arguments and printing. The measurements live in ``csp_compile.bench``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from csp_compile.cli import CLIError
+
+HELP = "benchmark CSP: prefill overhead, scoring speed, peak memory, decode speedup (ratios, one process)"
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# --quick: smaller model, shorter prompts, fewer repeats (a few minutes on 2 cores at most)
+_QUICK = dict(prompt=512, long_prompt=1024, prefill_repeats=3, scoring_repeats=5, new_tokens=6, decode_rounds=1)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", type=Path, metavar="PATH", help="write the results as one flat JSON object")
+    parser.add_argument("--quick", action="store_true",
+                        help="a much smaller run: half-size model, 512/1024-token prompts, fewer repeats")
+    parser.add_argument("--threads", type=int, metavar="N", help="torch threads (default: all cores)")
+    parser.add_argument("--device", default=None, metavar="DEVICE",
+                        help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--budget", type=float, default=0.2, help="kept fraction of the prompt, in (0, 1) (default 0.2)")
+    parser.add_argument("--dtype", default="float32", metavar="DTYPE", help=f"one of {', '.join(_DTYPES)}")
+    parser.add_argument("--prompt", type=int, metavar="TOKENS",
+                        help="prompt length for prefill and scoring (default 4096; --quick 512)")
+    parser.add_argument("--long-prompt", type=int, metavar="TOKENS",
+                        help="prompt length for decode, memory and KV bytes (default 8192; --quick 1024)")
+    parser.add_argument("--layers", type=int, metavar="N", help="language-model layers (default 4; --quick 2)")
+    parser.add_argument("--repeats", type=int, metavar="N", help="timed prefills per variant (default 5; --quick 3)")
+    parser.add_argument("--new-tokens", type=int, metavar="N",
+                        help="tokens generated per decode run, the first 2 untimed (default 16; --quick 6)")
+
+
+def _device(name: str | None) -> str:
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name not in ("cpu", "cuda"):
+        raise CLIError(f"--device {name!r}: allowed cpu or cuda")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise CLIError("--device cuda: no CUDA device is available here (torch.cuda.is_available() is False)")
+    return name
+
+
+def _settings(args: argparse.Namespace):
+    from csp_compile.bench import BENCH_SHAPE, QUICK_SHAPE, BenchSettings
+
+    if not math.isfinite(args.budget) or not 0.0 < args.budget < 1.0:
+        raise CLIError(f"--budget {args.budget}: allowed a fraction in (0, 1)")
+    if args.dtype not in _DTYPES:
+        raise CLIError(f"--dtype {args.dtype!r}: allowed {', '.join(_DTYPES)}")
+    for flag in ("threads", "prompt", "long_prompt", "layers", "repeats", "new_tokens"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise CLIError(f"--{flag.replace('_', '-')} {value}: allowed a positive integer")
+    device = _device(args.device)
+    if _DTYPES[args.dtype] != torch.float32 and device == "cpu":
+        raise CLIError(f"--dtype {args.dtype}: on cpu the bench runs float32 only")
+    base = dict(_QUICK) if args.quick else {}
+    shape = QUICK_SHAPE if args.quick else BENCH_SHAPE
+    if args.layers is not None:
+        shape = shape.replace(num_hidden_layers=args.layers)
+    overrides = {"prompt": args.prompt, "long_prompt": args.long_prompt, "prefill_repeats": args.repeats,
+                 "new_tokens": args.new_tokens}
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    if args.quick and args.prompt is not None and args.long_prompt is None:
+        base["long_prompt"] = max(base["long_prompt"], args.prompt)
+    return BenchSettings(shape=shape, budget=args.budget, device=device, dtype=_DTYPES[args.dtype],
+                         threads=args.threads, quick=args.quick, **base)
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    from tqdm import tqdm
+
+    from csp_compile.bench import format_table, run_bench
+
+    bar = tqdm(total=0, desc="csp-compile bench", unit="step", file=sys.stderr, dynamic_ncols=True)
+    started = []
+
+    def progress(description: str) -> None:
+        if started:
+            bar.update(1)
+        started.append(description)
+        bar.set_postfix_str(description)
+
+    try:
+        result = run_bench(settings, progress=progress, steps_total=lambda n: setattr(bar, "total", n))
+        bar.update(1)
+    finally:
+        bar.close()
+    print(format_table(result))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"\nwrote {args.json}")
+    return 0

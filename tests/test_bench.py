@@ -1,0 +1,83 @@
+"""``csp-compile bench``: a --quick run at tiny size writes every figure, and bad arguments are
+one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from csp_compile import cli
+from csp_compile.bench import FIGURES, TARGETS
+
+SETUP_KEYS = (
+    "model", "family", "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+    "vocab_size", "parameters_total", "parameters_language_model", "prompt_tokens", "long_prompt_tokens",
+    "image_token_share", "dtype", "device", "torch_version", "threads", "budget", "memory_method",
+    "fused_scoring_impl", "naive_scoring_impl", "what", "targets",
+)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    # A separate process: the bench sets torch's thread count and compiles two models.
+    proc = subprocess.run(
+        [sys.executable, "-m", "csp_compile", "bench", "--quick", "--threads", "1", "--device", "cpu", "--layers", "1",
+         "--prompt", "192", "--long-prompt", "256", "--repeats", "2", "--new-tokens", "4", "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc, json.loads(out.read_text())
+
+
+def test_quick_bench_writes_every_figure(quick_run):
+    _, result = quick_run
+    for key in FIGURES:
+        assert isinstance(result[key], (int, float)) and math.isfinite(result[key]), key
+        assert result[key] >= 0, key
+    for key in SETUP_KEYS:
+        assert key in result, key
+    assert set(result["what"]) == set(FIGURES) and all(result["what"].values())
+    assert set(result["targets"]) == set(TARGETS) and set(result["targets"].values()) <= {"pass", "fail"}
+    assert result["prompt_tokens"] == 192 and result["long_prompt_tokens"] == 256
+    assert result["num_hidden_layers"] == 1 and result["threads"] == 1 and result["device"] == "cpu"
+    assert 0.2 <= result["image_token_share"] <= 0.35
+
+
+def test_quick_bench_measures_the_eviction(quick_run):
+    _, result = quick_run
+    assert abs(result["kv_bytes_ratio_b20"] - result["budget"]) <= 0.01
+    assert result["targets"]["kv_bytes_ratio_b20"] == "pass"
+    assert result["decode_recompiles"] == 0
+    assert result["decode_bound_b20"] > 1.0
+    # every scorer computed the same scores as the reference
+    assert result["naive_scoring_max_abs_diff"] < 1e-4 and result["fused_scoring_max_abs_diff"] < 1e-4
+
+
+def test_quick_bench_prints_the_table(quick_run):
+    proc, result = quick_run
+    for key in FIGURES:
+        assert key in proc.stdout
+    assert "target" in proc.stdout and "wall time" in proc.stdout
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--budget", "1.5"], "--budget"),
+    (["--budget", "0"], "--budget"),
+    (["--device", "tpu"], "--device"),
+    (["--threads", "0"], "--threads"),
+    (["--prompt", "16"], "prompt"),
+    (["--dtype", "float8"], "--dtype"),
+])
+def test_bad_arguments_are_one_line_errors(argv, words, capsys):
+    code = cli.main(["bench", "--quick", "--device", "cpu", *argv] if "--device" not in argv else ["bench", *argv])
+    captured = capsys.readouterr()
+    assert code == 2
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("csp-compile bench: error:") and words in lines[0], captured.err
+    assert captured.out == ""
