@@ -7,7 +7,8 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from csp_compile import CSPConfig, select_kept
-from csp_compile.ops import config_from_op_args, config_op_args, kept_slots, prefill_attention
+from csp_compile.ops import (config_from_op_args, config_op_args, kept_slots, mask_is_causal_graph,
+                             prefill_attention, shared_mask_graph)
 from csp_compile.scoring import resolve_budget
 
 OP = torch.ops.csp.prefill_attention.default
@@ -103,6 +104,36 @@ def test_op_matches_direct_computation(prob, op_kwargs, config):
     for bi in range(b):
         real = set(torch.nonzero(p["attention_mask"][bi]).flatten().tolist())
         assert set(indices[bi][indices[bi] >= 0].tolist()) <= real
+
+
+@pytest.mark.parametrize("pads", [(0, 0), (0, 5)])
+@pytest.mark.parametrize("hkv, enable_gqa", [(2, False), (2, True), (4, False)])
+def test_shared_mask_and_causal_flag_are_bit_identical(pads, hkv, enable_gqa):
+    """What the rewrite passes for a bool mask: one shared copy of it and a flag whether it is exactly
+    causal (then the op's SDPA runs with is_causal=True, not the mask). Outputs, indices and pruned K/V
+    equal the op with the model's own mask, bit for bit; a mask with padding is not causal."""
+    p = problem(length=70, hkv=hkv, pads=pads, dim=16)
+    config = CSPConfig(budget=0.3, window=4)
+    shared = shared_mask_graph(p["attn_mask"])
+    assert shared.dtype == torch.bool and shared.is_contiguous() and torch.equal(shared, p["attn_mask"])
+    flag = mask_is_causal_graph(shared)
+    assert flag.shape == () and bool(flag) == (pads == (0, 0))
+    assert bool(mask_is_causal_graph(torch.ones(1, 1, 5, 5, dtype=torch.bool).tril()))
+    assert not bool(mask_is_causal_graph(torch.ones(1, 1, 5, 5, dtype=torch.bool)))
+    assert not bool(mask_is_causal_graph(torch.ones(1, 1, 5, 5, dtype=torch.bool).tril(-1)))
+    reference = run_op(p, dict(enable_gqa=enable_gqa), config)
+    for mask_is_causal in (flag, torch.tensor(False), None):
+        got = prefill_attention(p["query"], p["key"], p["value"], p["modality"], config, attn_mask=shared,
+                                attention_mask_2d=p["attention_mask"], enable_gqa=enable_gqa,
+                                mask_is_causal=mask_is_causal)
+        for g, r in zip(got, reference):
+            assert g.stride() == r.stride() and torch.equal(g, r)
+
+
+def test_shared_mask_opcheck():
+    mask = torch.ones(2, 1, 9, 9, dtype=torch.bool).tril().to(torch.uint8)
+    torch.library.opcheck(torch.ops.csp.shared_mask.default, (mask,),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
 @pytest.mark.parametrize("prob, op_kwargs, config", CASES[:3] + CASES[-1:])

@@ -5,8 +5,13 @@ of an empty cache with this step's K/V, and whose cat outputs Dynamo writes back
 layer (graph outputs). The rewrite feeds the op the cat outputs, makes the op's pruned K/V the
 graph outputs in their place (so Dynamo stores them in ``layer.keys``/``layer.values``), appends
 each site's kept indices and slot validity as extra outputs, and adds two inputs: the modality
-ids and the 2-D padding mask of the prompt. Decode graphs (the cache already held tokens) and
-layers whose cache is not a plain full-attention cat (sliding windows) are left alone.
+ids and the 2-D padding mask of the prompt. A bool attention mask shared by the sites is checked once
+per forward (``mask_is_causal_graph``, before its first site): when it is exactly causal the op runs
+SDPA with ``is_causal=True`` (bit-identical, and it skips the blocks above the diagonal) instead of
+SDPA converting the bool mask to a float one in every layer; and the sites share one materialised
+copy of the mask (``shared_mask_graph``) instead of Inductor writing it once per site (CPU; see
+``csp::prefill_attention``). Decode graphs (the cache already held tokens) and layers whose cache is
+not a plain full-attention cat (sliding windows) are left alone.
 """
 
 from __future__ import annotations
@@ -16,9 +21,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from csp_compile.config import CSPConfig
-from csp_compile.ops import config_op_args
+from csp_compile.ops import config_op_args, mask_is_causal_graph, shared_mask_graph
 from csp_compile.passes.find_attention import AttentionMatch, SkippedAttention, find_attention
 
 PREFILL_OP = torch.ops.csp.prefill_attention.default
@@ -105,6 +111,21 @@ def _placeholder_after(graph: fx.Graph, anchor: fx.Node, name: str, example: tor
     return node
 
 
+def _full_bool_mask(match: AttentionMatch) -> bool:
+    """Whether the site's mask is a bool (..., Lq, Lkv) tensor of the attention's full query and key
+    lengths (not broadcast along them): the shape SDPA's ``is_causal`` mask has."""
+    mask, query, key = _fake(match.mask), _fake(match.query), _fake(match.key)
+    if mask is None or query is None or key is None or mask.dtype != torch.bool or mask.dim() < 2:
+        return False
+    return _same_size(mask.shape[-2], query.shape[-2]) and _same_size(mask.shape[-1], key.shape[-2])
+
+
+def _same_size(a: int | torch.SymInt, b: int | torch.SymInt) -> bool:
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    return statically_known_true(a == b)
+
+
 def rewrite_prefill(gm: fx.GraphModule, plan: PrefillPlan, config: CSPConfig, *, prompt_inputs: bool) -> PrefillRewrite:
     """Apply ``plan`` to ``gm`` in place (``gm`` must be a copy of Dynamo's graph). With
     ``prompt_inputs`` the graph gains two trailing inputs, the (b, L) modality ids and padding
@@ -121,18 +142,31 @@ def rewrite_prefill(gm: fx.GraphModule, plan: PrefillPlan, config: CSPConfig, *,
         modality = _placeholder_after(graph, last, "csp_modality", modality_example)
         padding = _placeholder_after(graph, modality, "csp_attention_mask_2d", padding_example)
 
-    op_kwargs = config_op_args(config)
+    base_kwargs = config_op_args(config)
     replaced: dict[fx.Node, fx.Node] = {}
     extra_outputs: list[fx.Node] = []
+    bool_masks: dict[fx.Node, tuple[fx.Node, fx.Node]] = {}  # model mask -> (shared mask, causal flag)
     for site in plan.sites:
         m = site.match
         enable_gqa = m.pattern == "sdpa_gqa"
-        args = (m.query, site.key_cat, site.value_cat, m.mask, modality, padding, m.scale, m.is_causal, enable_gqa)
+        mask = m.mask
+        op_kwargs = dict(base_kwargs)
+        if _full_bool_mask(m):
+            if m.mask not in bool_masks:
+                with graph.inserting_before(m.output):
+                    shared = graph.call_function(shared_mask_graph, (m.mask,))
+                    flag = graph.call_function(mask_is_causal_graph, (shared,))
+                with first_query.fake_mode:
+                    shared.meta["example_value"] = shared_mask_graph(_fake(m.mask))
+                    flag.meta["example_value"] = mask_is_causal_graph(shared.meta["example_value"])
+                bool_masks[m.mask] = shared, flag
+            mask, op_kwargs["mask_is_causal"] = bool_masks[m.mask]
+        args = (m.query, site.key_cat, site.value_cat, mask, modality, padding, m.scale, m.is_causal, enable_gqa)
         with graph.inserting_before(m.output):
             op = graph.call_function(PREFILL_OP, args, op_kwargs)
             items = [graph.call_function(operator.getitem, (op, i)) for i in range(5)]
         with first_query.fake_mode:
-            examples = PREFILL_OP(*fx.node.map_arg(args, _fake), **op_kwargs)
+            examples = PREFILL_OP(*fx.node.map_arg(args, _fake), **fx.node.map_arg(op_kwargs, _fake))
         op.meta["example_value"] = examples
         for item, example in zip(items, examples):
             item.meta["example_value"] = example
