@@ -113,3 +113,12 @@ def test_console_entry_points():
         assert result.returncode == 0
         for command in ("bench", "demo", "eval", "show-kept"):
             assert command in result.stdout
+
+
+def test_missing_shipped_model_says_how_to_get_one(monkeypatch, tmp_path, capsys):
+    import csp_compile.data.model as model_module
+
+    monkeypatch.setattr(model_module, "SHIPPED_MODEL_DIR", tmp_path / "tiny_vlm")
+    assert main(["demo"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "train_tiny_vlm.py" in err and "--model" in err and len(err.splitlines()) == 1

@@ -43,6 +43,11 @@ def load_model(path: str | Path | None = None) -> transformers.PreTrainedModel:
     mode with SDPA attention; no network. A missing or unloadable directory raises FileNotFoundError /
     ValueError saying which path and what it must hold."""
     directory = Path(path) if path is not None else SHIPPED_MODEL_DIR
+    if path is None and not (directory / "config.json").is_file():
+        raise FileNotFoundError(
+            f"no trained tiny VLM is shipped in {str(directory)!r} yet: train one with "
+            "`python examples/train_tiny_vlm.py` (it saves there) or pass --model DIR"
+        )
     if not directory.is_dir():
         raise FileNotFoundError(f"model directory {str(directory)!r} does not exist: pass a local save_pretrained directory")
     if not (directory / "config.json").is_file():
