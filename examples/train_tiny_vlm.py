@@ -21,17 +21,45 @@ import torch
 import torch.nn.functional as F
 import transformers
 
+from csp_compile.data.lookup import NUM_KEYS, NUM_VALUES
 from csp_compile.data import NUM_RECORDS, VOCAB, Example, collate, make_dataset, make_example
 from csp_compile.data.model import SHIPPED_MODEL_DIR, build_model
 
 
-def answer_loss(model, examples: list[Example], probe_layer: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def factored_record_init(model: transformers.LlavaForConditionalGeneration) -> None:
+    """Start each record token's embedding as key-name embedding + value embedding (scaled like one
+    embedding), so copying a record through attention points at its value from step 0; the
+    embeddings are trained freely afterwards (tied input/output embeddings)."""
+    embed = model.get_input_embeddings().weight
+    with torch.no_grad():
+        for key in range(NUM_KEYS):
+            for value in range(NUM_VALUES):
+                for record, answer in ((VOCAB.a_record(key, value), VOCAB.a(value)),
+                                       (VOCAB.b_record(key, value), VOCAB.b(value))):
+                    embed[record] = (embed[VOCAB.key(key)] + embed[answer]) / 2 ** 0.5
+
+
+def flag_loss(model, hidden: torch.Tensor, examples: list[Example]) -> torch.Tensor:
+    """Cross-entropy of telling, at every record token, whether it is a record of the shown key
+    (YES) or not (NO), from ``hidden`` (an intermediate layer's states, logit lens)."""
+    ids = torch.nn.utils.rnn.pad_sequence([e.input_ids for e in examples], batch_first=True)
+    is_record = (ids >= VOCAB.first_a_record) & (ids < VOCAB.first_a_record + 2 * NUM_KEYS * NUM_VALUES)
+    target = torch.zeros_like(ids, dtype=torch.bool)
+    for row, example in enumerate(examples):
+        target[row, example.record] = True
+    rows, cols = torch.nonzero(is_record, as_tuple=True)
+    logits = model.lm_head(model.model.language_model.norm(hidden[rows, cols])).float()[:, [VOCAB.no, VOCAB.yes]]
+    weight = torch.tensor([1.0, 4.0])
+    return F.cross_entropy(logits, target[rows, cols].long(), weight=weight)
+
+
+def answer_loss(model, examples: list[Example], probe_layer: int = 0, flag_layer: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mean cross-entropy over the scored answer tokens, the per-example exact match (teacher
     forced) and, with ``probe_layer`` > 0, the cross-entropy of naming the shown key from that
     layer's hidden state at the last prompt position (logit lens: final norm + lm_head)."""
     batch = collate(examples, with_answer=True, padding_side="right")
     labels = batch.pop("labels")
-    out = model.model(**batch, output_hidden_states=probe_layer > 0)
+    out = model.model(**batch, output_hidden_states=probe_layer > 0 or flag_layer > 0)
     rows, cols = torch.nonzero(labels[:, 1:] != -100, as_tuple=True)
     logits = model.lm_head(out.last_hidden_state[rows, cols]).float()  # position t predicts token t + 1
     targets = labels[rows, cols + 1]
@@ -41,6 +69,8 @@ def answer_loss(model, examples: list[Example], probe_layer: int = 0) -> tuple[t
         last = torch.tensor([len(e.input_ids) - 1 for e in examples])
         hidden = model.model.language_model.norm(out.hidden_states[probe_layer][torch.arange(len(examples)), last])
         probe = F.cross_entropy(model.lm_head(hidden).float(), torch.tensor([VOCAB.key(e.key) for e in examples]))
+    if flag_layer > 0:
+        probe = probe + flag_loss(model, out.hidden_states[flag_layer], examples)
     return F.cross_entropy(logits, targets), miss == 0, probe
 
 
@@ -101,6 +131,8 @@ def main() -> None:
     parser.add_argument("--name-weight", type=float, default=2.0)
     parser.add_argument("--probe-layer", type=int, default=2,
                         help="LM layer whose hidden state at '?' must already name the shown key (0: off)")
+    parser.add_argument("--flag-layer", type=int, default=2,
+                        help="LM layer whose hidden state at each record must say whether it is the shown key's (0: off)")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--records", type=int, default=NUM_RECORDS, help="records of a full-length prompt")
@@ -112,11 +144,14 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--test-size", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--factored-init", type=int, default=1, help="1: start record embeddings as key + value (see factored_record_init)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
     model = build_model(args.seed)
+    if args.factored_init:
+        factored_record_init(model)
     model.train()
     params = sum(p.numel() for p in model.parameters())
     print(f"model: {params / 1e6:.2f}M parameters; {args.steps} steps of {args.batch} + {args.name_batch} prompts")
@@ -134,7 +169,7 @@ def main() -> None:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            lookup_loss, lookup_hit, probe_loss = answer_loss(model, lookup, args.probe_layer)
+            lookup_loss, lookup_hit, probe_loss = answer_loss(model, lookup, args.probe_layer, args.flag_layer)
             drill_loss, drill_hit, _ = answer_loss(model, drills)
             name_loss, name_hit, _ = answer_loss(model, names)
             loss = lookup_loss + probe_loss + drill_loss + args.name_weight * name_loss

@@ -50,10 +50,11 @@ class Vocab:
     pad: int = 0
     bos: int = 1
     eos: int = 2
-    sep: int = 3
+    no: int = 3  # auxiliary training targets: is this record the shown key's?
     query: int = 4
     name: int = 5
     recall: int = 6
+    yes: int = 7
     first_key: int = 8
     first_a: int = 8 + NUM_KEYS
     first_b: int = 8 + NUM_KEYS + NUM_VALUES
@@ -232,7 +233,7 @@ def render_tokens(ids: torch.Tensor | list[int]) -> str:
 
 def token_name(token: int) -> str:
     """Readable name of one token id."""
-    names = {VOCAB.pad: "<pad>", VOCAB.bos: "<bos>", VOCAB.eos: "<eos>", VOCAB.sep: ";", VOCAB.query: "?",
+    names = {VOCAB.pad: "<pad>", VOCAB.bos: "<bos>", VOCAB.eos: "<eos>", VOCAB.no: "NO", VOCAB.yes: "YES", VOCAB.query: "?",
              VOCAB.name: "NAME", VOCAB.recall: "RECALL", VOCAB.image: "<img>"}
     if token in names:
         return names[token]
