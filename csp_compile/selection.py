@@ -70,6 +70,21 @@ def select_from_scores(inputs: AttentionInputs, config: CSPConfig, scores: Polic
     return _as_selection(keep, budgets, k_secondary)
 
 
+def check_query_key(query: torch.Tensor, key: torch.Tensor) -> tuple[int, int, int, int]:
+    """(b, hq, L, D) of one layer's post-RoPE query (b, hq, L, D) and key (b, hkv, L, D); ValueError
+    naming what does not fit (rank, batch / length / dim mismatch, heads, dtype)."""
+    if query.dim() != 4 or key.dim() != 4:
+        raise ValueError(f"query and key must be 4-D (b, heads, L, D): got {tuple(query.shape)} and {tuple(key.shape)}")
+    b, hq, length, dim = query.shape
+    if key.shape[0] != b or key.shape[2:] != (length, dim):
+        raise ValueError(f"key shape {tuple(key.shape)} does not match query shape {tuple(query.shape)} in batch, L or D")
+    if length < 1 or key.shape[1] < 1 or hq % key.shape[1]:
+        raise ValueError(f"query heads ({hq}) must be a positive multiple of key heads ({key.shape[1]}), L >= 1")
+    if not query.is_floating_point() or not key.is_floating_point():
+        raise ValueError(f"query/key must be floating point: got {query.dtype}, {key.dtype}")
+    return b, hq, length, dim
+
+
 def make_attention_inputs(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -81,15 +96,7 @@ def make_attention_inputs(
     scale: float | None = None,
 ) -> AttentionInputs:
     """Validate the arguments of ``select_kept`` and bundle them; errors name the argument."""
-    if query.dim() != 4 or key.dim() != 4:
-        raise ValueError(f"query and key must be 4-D (b, heads, L, D): got {tuple(query.shape)} and {tuple(key.shape)}")
-    b, hq, length, dim = query.shape
-    if key.shape[0] != b or key.shape[2:] != (length, dim):
-        raise ValueError(f"key shape {tuple(key.shape)} does not match query shape {tuple(query.shape)} in batch, L or D")
-    if length < 1 or key.shape[1] < 1 or hq % key.shape[1]:
-        raise ValueError(f"query heads ({hq}) must be a positive multiple of key heads ({key.shape[1]}), L >= 1")
-    if not query.is_floating_point() or not key.is_floating_point():
-        raise ValueError(f"query/key must be floating point: got {query.dtype}, {key.dtype}")
+    b, hq, length, dim = check_query_key(query, key)
     if modality.shape != (b, length) or modality.is_floating_point() or modality.dtype == torch.bool:
         raise ValueError(f"modality must be an integer tensor of shape {(b, length)}: got {modality.dtype} {tuple(modality.shape)}")
     valid = _valid_tokens(attention_mask, b, length, query.device)

@@ -37,7 +37,7 @@ NUM_KEYS = 32
 NUM_VALUES = 16  # A-values and, separately, B-values
 NUM_FILLERS = 16
 NUM_RECORDS = 32  # keys in a full-length prompt (each with an A-record and a B-record)
-MAX_FILLERS = 5  # filler words before each record: uniform in 0 .. MAX_FILLERS
+MAX_FILLERS = 5  # filler words before each record: uniform in 0 .. MAX_FILLERS (at full length)
 SPLIT_SEEDS = {"train": 1_000_003, "val": 3_000_017, "test": 2_000_003}
 TASKS = ("lookup", "name", "drill")
 DRILL_QUERIES = 8  # text-keyed lookups appended to a drill prompt
@@ -172,8 +172,9 @@ def make_example(
     rng.shuffle(records)
     target_records = {VOCAB.a_record(target, a_values[target]), VOCAB.b_record(target, b_values[target])}
     record: list[int] = []
+    max_fillers = round(MAX_FILLERS * num_records / NUM_RECORDS)  # a shortened body is denser too
     for token in records:
-        ids += [VOCAB.filler(rng.randrange(NUM_FILLERS)) for _ in range(rng.randint(0, MAX_FILLERS))]
+        ids += [VOCAB.filler(rng.randrange(NUM_FILLERS)) for _ in range(rng.randint(0, max_fillers))]
         if token in target_records:
             record.append(len(ids))
         ids.append(token)

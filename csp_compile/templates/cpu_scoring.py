@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from csp_compile.config import CSPConfig
 from csp_compile.policies import PolicyScores
 from csp_compile.scoring import default_scale, resolve_budget
+from csp_compile.selection import check_query_key
 
 __all__ = ["FUSED_POLICIES", "WindowProblem", "fused_policy_scores", "score_window", "window_problem", "window_sums"]
 
@@ -85,15 +86,7 @@ def window_problem(
     is_causal: bool = True,
 ) -> WindowProblem:
     """Validate one layer's prefill tensors and cut out what window scoring reads (O(W * L))."""
-    if query.dim() != 4 or key.dim() != 4:
-        raise ValueError(f"query and key must be 4-D (b, heads, L, D): got {tuple(query.shape)} and {tuple(key.shape)}")
-    b, hq, length, dim = query.shape
-    if key.shape[0] != b or key.shape[2:] != (length, dim):
-        raise ValueError(f"key shape {tuple(key.shape)} does not match query shape {tuple(query.shape)} in batch, L or D")
-    if length < 1 or key.shape[1] < 1 or hq % key.shape[1]:
-        raise ValueError(f"query heads ({hq}) must be a positive multiple of key heads ({key.shape[1]}), L >= 1")
-    if not query.is_floating_point() or not key.is_floating_point():
-        raise ValueError(f"query/key must be floating point: got {query.dtype}, {key.dtype}")
+    b, hq, length, dim = check_query_key(query, key)
     device = query.device
     if modality is None:
         modality = torch.zeros(b, length, dtype=torch.int64, device=device)
