@@ -122,3 +122,17 @@ def test_missing_shipped_model_says_how_to_get_one(monkeypatch, tmp_path, capsys
     assert main(["demo"]) == 2
     err = capsys.readouterr().err.strip()
     assert "train_tiny_vlm.py" in err and "--model" in err and len(err.splitlines()) == 1
+
+
+def test_eval_on_another_family_measures_agreement_not_accuracy(tmp_path, capsys):
+    from csp_compile.testing import build_tiny_vlm
+
+    build_tiny_vlm("qwen2_vl").save_pretrained(tmp_path / "qwen2_vl")
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--model", str(tmp_path / "qwen2_vl"), "--policies", "csp", "--budgets", "0.2", "--n", "2",
+                 "--json", str(out), "--threads", "1"]) == 0
+    payload = json.loads(out.read_text())
+    assert "accuracy is not measured" in payload["data"]
+    full, csp = payload["records"]
+    assert full["accuracy"] is None and csp["accuracy"] is None
+    assert abs(csp["kept_fraction"] - 0.2) < 0.01 and 0.0 <= csp["top1_agreement"] <= 1.0

@@ -82,7 +82,8 @@ def plot_kept_map(kmap: KeptMap, image: torch.Tensor, words: list[str], path: st
             x, y = 0.0, y - 0.085
         box = dict(facecolor=cmap(0.15 + 0.8 * float(share[position])), edgecolor="cyan" if position in highlight
                    else "none", linewidth=1.5, pad=1.2)
-        text.text(x, y, word, fontsize=7, family="monospace", va="top", color="white", bbox=box)
+        ink = "black" if float(share[position]) > 0.5 else "white"
+        text.text(x, y, word, fontsize=7, family="monospace", va="top", color=ink, bbox=box)
         x += step
     if title:
         figure.suptitle(title, fontsize=10)
