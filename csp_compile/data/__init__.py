@@ -15,6 +15,7 @@ from csp_compile.data.lookup import (
     render_tokens,
     token_name,
 )
+from csp_compile.data.model import SHIPPED_MODEL_DIR, build_model, load_model
 
 __all__ = [
     "IMAGE_SIZE",
@@ -30,4 +31,7 @@ __all__ = [
     "render_glyph",
     "render_tokens",
     "token_name",
+    "SHIPPED_MODEL_DIR",
+    "build_model",
+    "load_model",
 ]

@@ -1,7 +1,7 @@
 """Image-keyed record lookup: the synthetic task of the shipped tiny VLM.
 
 A prompt is ``<bos> <image>*64 body ?``. The image is a rendered 32 x 32 glyph of one of
-``NUM_KEYS`` classes. The body holds, for each of ``NUM_RECORDS`` distinct keys, two record tokens
+``NUM_KEYS`` classes. The body holds, for each of ``NUM_RECORDS`` distinct keys (of ``NUM_KEYS``), two record tokens
 in random order among filler words: an A-record, one token naming the key and an A-value, and a
 B-record, one token naming the key and a B-value. The answer is ``a b``, the A-value and the
 B-value of the key the image shows. Both records carry the shown key, so the prompt's last token,
@@ -36,8 +36,8 @@ CELL_PIXELS = 4  # ... of CELL_PIXELS x CELL_PIXELS pixel cells
 NUM_KEYS = 32
 NUM_VALUES = 16  # A-values and, separately, B-values
 NUM_FILLERS = 16
-NUM_RECORDS = 32  # keys in a full-length prompt (each with an A-record and a B-record)
-MAX_FILLERS = 5  # filler words before each record: uniform in 0 .. MAX_FILLERS (at full length)
+NUM_RECORDS = 16  # keys in a full-length prompt (each with an A-record and a B-record)
+MAX_FILLERS = 10  # filler words before each record: uniform in 0 .. MAX_FILLERS (at full length)
 SPLIT_SEEDS = {"train": 1_000_003, "val": 3_000_017, "test": 2_000_003}
 TASKS = ("lookup", "name", "drill")
 DRILL_QUERIES = 8  # text-keyed lookups appended to a drill prompt
