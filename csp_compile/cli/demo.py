@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     full = run_full(model, evalset)
     pruned = run_config(model, evalset, config)
     answers = evalset.answers
-    width = len(render_tokens(answers[0])) + 2
+    width = max(len(render_tokens(answers[0])), len("full cache")) + 2
     print(f"\n{'prompt (image = glyph of the key)':<44}{'expected':<{width}}{'full cache':<{width}}CSP")
     for i in range(len(evalset)):
         ids = evalset.inputs["input_ids"][i][evalset.inputs["attention_mask"][i].bool()]
