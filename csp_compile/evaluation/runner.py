@@ -61,14 +61,21 @@ def _batches(evalset: EvalSet, batch_size: int) -> Iterable[dict[str, torch.Tens
         yield evalset.rows(start, start + batch_size)
 
 
-def run_full(model: PreTrainedModel, evalset: EvalSet, batch_size: int = 256) -> Outcome:
-    """The unmodified model (full cache)."""
-    tokens, logprobs, size = [], [], 0
+def _run(model: PreTrainedModel, evalset: EvalSet, batch_size: int, *, optimized: bool) -> Outcome:
+    tokens, logprobs, size, kept, count = [], [], 0, 0.0, 0
     for inputs in _batches(evalset, batch_size):
         t, lp, cache = _generate(model, inputs)
         tokens.append(t), logprobs.append(lp)
         size += _prefill_bytes(cache)
-    return Outcome(torch.cat(tokens), torch.cat(logprobs), 1.0, size)
+        if optimized:
+            k, c = _kept_fraction(model, inputs["attention_mask"])
+            kept, count = kept + k, count + c
+    return Outcome(torch.cat(tokens), torch.cat(logprobs), kept / count if optimized else 1.0, size)
+
+
+def run_full(model: PreTrainedModel, evalset: EvalSet, batch_size: int = 256) -> Outcome:
+    """The unmodified model (full cache)."""
+    return _run(model, evalset, batch_size, optimized=False)
 
 
 def _kept_fraction(model: PreTrainedModel, attention_mask: torch.Tensor) -> tuple[float, int]:
@@ -85,16 +92,9 @@ def run_config(model: PreTrainedModel, evalset: EvalSet, config: CSPConfig, batc
     """``model`` optimised with ``config`` (restored afterwards, also on error)."""
     csp_compile.optimize(model, config)
     try:
-        tokens, logprobs, size, kept, count = [], [], 0, 0.0, 0
-        for inputs in _batches(evalset, batch_size):
-            t, lp, cache = _generate(model, inputs)
-            tokens.append(t), logprobs.append(lp)
-            size += _prefill_bytes(cache)
-            k, c = _kept_fraction(model, inputs["attention_mask"])
-            kept, count = kept + k, count + c
+        return _run(model, evalset, batch_size, optimized=True)
     finally:
         csp_compile.restore(model)
-    return Outcome(torch.cat(tokens), torch.cat(logprobs), kept / count, size)
 
 
 def score(outcome: Outcome, full: Outcome, answers: torch.Tensor | None) -> dict:

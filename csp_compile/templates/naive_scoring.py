@@ -13,6 +13,7 @@ from csp_compile.config import CSPConfig
 from csp_compile.nsoftmax import n_softmax
 from csp_compile.policies import PolicyScores
 from csp_compile.scoring import default_scale, resolve_budget
+from csp_compile.selection import check_query_key
 
 __all__ = ["naive_scores"]
 
@@ -30,12 +31,8 @@ def naive_scores(
 ) -> PolicyScores:
     """CSP (self, cross) scores (b, hkv, L) from the full L x L attention, eagerly; arguments as
     ``score_window``'s (``config.n`` and ``config.window`` are used, the policy is CSP's)."""
-    if query.dim() != 4 or key.dim() != 4 or key.shape[0] != query.shape[0] or key.shape[2:] != query.shape[2:]:
-        raise ValueError(f"query (b, hq, L, D) and key (b, hkv, L, D) do not match: {tuple(query.shape)}, {tuple(key.shape)}")
-    b, hq, length, dim = query.shape
+    b, hq, length, dim = check_query_key(query, key)
     hkv = key.shape[1]
-    if hq % hkv:
-        raise ValueError(f"query heads ({hq}) must be a multiple of key heads ({hkv})")
     modality = torch.zeros(b, length, dtype=torch.int64, device=query.device) if modality is None else modality
     valid = (torch.ones(b, length, dtype=torch.bool, device=query.device) if attention_mask_2d is None
              else attention_mask_2d != 0)
