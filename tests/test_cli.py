@@ -2,6 +2,7 @@
 bad input -> exit code 2 with one line naming what was wrong."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -11,8 +12,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from csp_compile.cli import main
-from csp_compile.data.model import build_model
-from csp_compile.evaluation import parse_budgets, parse_policies
+from csp_compile.data.model import SHIPPED_MODEL_DIR, build_model
+from csp_compile.evaluation import PolicySpec, parse_budgets, parse_policies, parse_policy
 from csp_compile.policies import available_policies
 
 
@@ -74,6 +75,119 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, capsys, task_model_dir)
     assert "Traceback" not in err
     if message:
         assert message in err
+
+
+def _broken_model_dir(tmp_path, case):
+    """A copy of the shipped tiny VLM in tmp_path, broken as ``case`` says."""
+    directory = tmp_path / "model"
+    if case == "missing directory":
+        return directory
+    shutil.copytree(SHIPPED_MODEL_DIR, directory)
+    config, weights = directory / "config.json", directory / "model.safetensors"
+    if case == "no config.json":
+        config.unlink()
+    elif case == "config not JSON":
+        config.write_text('{"model_type": "llava", ')
+    elif case == "config a JSON list":
+        config.write_text("[1, 2]")
+    elif case == "config without model_type":
+        config.write_text("{}")
+    elif case == "config of an unknown model_type":
+        config.write_text('{"model_type": "no_such_model"}')
+    elif case == "config with a field of the wrong type":
+        config.write_text('{"model_type": "llava", "text_config": 5}')
+    elif case == "no weights":
+        weights.unlink()
+    elif case == "weights not safetensors":
+        weights.write_bytes(b"not a safetensors file")
+    elif case == "weights truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif case == "weights of another model":
+        import torch
+        from safetensors.torch import save_file
+
+        save_file({"foo": torch.zeros(3)}, str(weights), metadata={"format": "pt"})
+    else:
+        raise AssertionError(case)
+    return directory
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing directory", "does not exist"),
+        ("no config.json", "has no config.json"),
+        ("config not JSON", "is not valid JSON"),
+        ("config a JSON list", "is not a transformers model config"),
+        ("config without model_type", "is not a transformers model config"),
+        ("config of an unknown model_type", "is not a config transformers can load"),
+        ("config with a field of the wrong type", "is not a config transformers can load"),
+        ("no weights", "has no readable weights"),
+        ("weights not safetensors", "has corrupt weights"),
+        ("weights truncated", "has corrupt weights"),
+        ("weights of another model", "lack"),
+    ],
+)
+@pytest.mark.parametrize("command", ["eval", "show-kept"])
+def test_broken_model_dir_is_one_line_naming_model_and_exit_2(command, case, message, tmp_path, capsys):
+    directory = _broken_model_dir(tmp_path, case)
+    assert main([command, "--model", str(directory)]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"csp-compile {command}: error: --model: "), err
+    assert str(directory) in err and message in err and "save_pretrained directory" in err
+    assert "Traceback" not in err and not captured.out
+
+
+@pytest.mark.parametrize(
+    "argv, value, message",
+    [
+        (["show-kept", "--policy", "csp,snapkv"], "csp,snapkv", "takes exactly one policy"),
+        (["show-kept", "--policy", "csp, csp:mass"], "csp, csp:mass", "takes exactly one policy"),
+        (["show-kept", "--policy", "snapkb"], "snapkb", "unknown policy"),
+        (["show-kept", "--policy", "csp:bogus"], "csp:bogus", "unknown cross-ratio rule"),
+        (["show-kept", "--policy", "csp:1.5"], "csp:1.5", "outside [0, 1]"),
+        (["show-kept", "--policy", "csp:"], "csp:", "unknown cross-ratio rule"),
+        (["show-kept", "--policy", "h2o:mass"], "h2o:mass", "only csp takes a cross-ratio rule"),
+        (["show-kept", "--policy", ""], "", "is empty"),
+        (["eval", "--policies", "csp,snapkb"], "snapkb", "unknown policy"),
+        (["eval", "--policies", "csp:population,csp:bogus"], "csp:bogus", "unknown cross-ratio rule"),
+        (["eval", "--policies", "csp,csp:-0.5"], "csp:-0.5", "outside [0, 1]"),
+        (["eval", "--policies", " , "], "", "is empty"),
+    ],
+)
+def test_bad_policy_is_one_line_naming_the_option_and_exit_2(argv, value, message, capsys):
+    # the policy is checked before any model is loaded, so no --model is needed
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"csp-compile {argv[0]}: error: {argv[1]}"), err
+    assert repr(value) in err or not value
+    assert message in err and "allowed" in err and "csp:mass" in err
+
+
+def test_parse_policy_takes_exactly_one():
+    assert parse_policy("csp:mass") == PolicySpec("csp:mass", "csp", "mass")
+    assert parse_policy(" snapkv ") == PolicySpec("snapkv", "snapkv")
+    assert parse_policy("csp:0.25") == PolicySpec("csp:0.25", "csp", 0.25)
+    with pytest.raises(ValueError, match="--policy 'csp,snapkv' .* exactly one policy: allowed one of"):
+        parse_policy("csp,snapkv")
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["eval", "--model", "{model}"], "--model: "),
+        (["show-kept", "--policy", "csp,snapkv"], "--policy 'csp,snapkv'"),
+    ],
+)
+def test_console_errors_exit_2_with_one_stderr_line(argv, needle, tmp_path):
+    """Through a real process: no traceback and no stray log lines from transformers on stderr."""
+    model = _broken_model_dir(tmp_path, "config not JSON")
+    argv = [arg.format(model=model) for arg in argv]
+    result = subprocess.run([sys.executable, "-m", "csp_compile", *argv], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], result.stderr
 
 
 def test_a_model_that_is_not_a_vlm_is_refused(tmp_path, capsys):

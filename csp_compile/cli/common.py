@@ -17,10 +17,17 @@ def add_model_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def load_model_or_fail(path: Path | None):
-    """(model, description); FileNotFoundError / ValueError with one line when it cannot load."""
+    """(model, description); a CLIError naming --model, the path and what it must hold when it cannot
+    load (missing directory, no or corrupt config.json, missing or corrupt weights, not a VLM)."""
+    from csp_compile.cli import CLIError
     from csp_compile.data.model import SHIPPED_MODEL_DIR, load_model
 
-    model = load_model(path)
+    try:
+        model = load_model(path)
+    except (FileNotFoundError, ValueError) as error:
+        if path is None:  # the shipped model is missing: the message already says to pass --model DIR
+            raise
+        raise CLIError(f"--model: {error}") from None
     source = "the shipped tiny VLM" if path is None else str(path)
     if path is None:
         source += f" ({SHIPPED_MODEL_DIR.name}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters)"

@@ -16,7 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="PNG to ask about instead of the test prompt's own glyph (resized to the model's input)")
     parser.add_argument("--index", type=int, default=0, help="which held-out test prompt (default 0)")
     parser.add_argument("--budget", type=float, default=0.2, help="fraction of the prompt kept (default 0.2)")
-    parser.add_argument("--policy", default="csp", help="eviction policy, as in eval's --policies (default csp)")
+    parser.add_argument("--policy", default="csp",
+                        help="one eviction policy, spelled as in eval's --policies, e.g. csp:mass (default csp)")
     parser.add_argument("--out", type=Path, default=Path("kept.png"), help="PNG to write (default kept.png)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
 
@@ -49,11 +50,11 @@ def run(args: argparse.Namespace) -> int:
     import csp_compile
     from csp_compile.config import CSPConfig
     from csp_compile.data import IMAGE_SIZE, collate, make_example, render_tokens, token_name
-    from csp_compile.evaluation import is_task_model, parse_policies
+    from csp_compile.evaluation import is_task_model, parse_policy
     from csp_compile.evaluation.kept_map import kept_map, plot_kept_map
     from csp_compile.modality import modality_ids
 
-    (spec,) = parse_policies(args.policy)
+    spec = parse_policy(args.policy, "--policy")
     config = spec.config(args.budget, CSPConfig())
     if args.index < 0:
         raise ValueError(f"--index must be >= 0: got {args.index}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -38,27 +39,67 @@ def build_model(seed: int = 0) -> transformers.LlavaForConditionalGeneration:
     return model
 
 
+_ALLOWED = "pass a local save_pretrained directory of a vision-language model (config.json and its weights)"
+
+
+def _one_line(error: BaseException, limit: int = 160) -> str:
+    """``Type: message`` on one line, cut to about ``limit`` characters."""
+    text = " ".join(str(error).split())
+    if len(text) > limit:
+        text = text[:limit].rstrip() + "..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
 def load_model(path: str | Path | None = None) -> transformers.PreTrainedModel:
     """A VLM from a local ``save_pretrained`` directory (default: the shipped tiny VLM), in eval
-    mode with SDPA attention; no network. A missing or unloadable directory raises FileNotFoundError /
-    ValueError saying which path and what it must hold."""
+    mode with SDPA attention; no network. A missing or unloadable directory (no config.json, a corrupt
+    or foreign config, missing, corrupt or mismatched weights, not a VLM) raises FileNotFoundError /
+    ValueError with one line saying which path, what is wrong and what it must hold."""
     directory = Path(path) if path is not None else SHIPPED_MODEL_DIR
-    if path is None and not (directory / "config.json").is_file():
+    config_file = directory / "config.json"
+    if path is None and not config_file.is_file():
         raise FileNotFoundError(
             f"no trained tiny VLM is shipped in {str(directory)!r} yet: train one with "
             "`python examples/train_tiny_vlm.py` (it saves there) or pass --model DIR"
         )
     if not directory.is_dir():
-        raise FileNotFoundError(f"model directory {str(directory)!r} does not exist: pass a local save_pretrained directory")
-    if not (directory / "config.json").is_file():
-        raise FileNotFoundError(f"{str(directory)!r} has no config.json: pass a local save_pretrained directory")
+        raise FileNotFoundError(f"model directory {str(directory)!r} does not exist: {_ALLOWED}")
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{str(directory)!r} has no config.json: {_ALLOWED}")
+    try:
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{str(config_file)!r} is not valid JSON ({error}): {_ALLOWED}") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("model_type"), str):
+        raise ValueError(f"{str(config_file)!r} is not a transformers model config (no \"model_type\"): {_ALLOWED}")
     transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars would bury one-line errors
-    config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
-    classes = [transformers.AutoModelForImageTextToText]
-    for auto in classes:
+    verbosity = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity_error()  # load reports become the one-line errors below
+    try:
         try:
-            model = auto.from_pretrained(directory, local_files_only=True, attn_implementation="sdpa")
-            return model.eval()
-        except ValueError:
-            continue
-    raise ValueError(f"{str(directory)!r} holds a {type(config).__name__}, not a vision-language model")
+            config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
+        except Exception as error:  # a foreign file: unknown model_type, wrong field types, ...
+            raise ValueError(f"{str(config_file)!r} is not a config transformers can load "
+                             f"({_one_line(error)}): {_ALLOWED}") from None
+        auto = transformers.AutoModelForImageTextToText
+        if type(config) not in auto._model_mapping:
+            raise ValueError(f"{str(directory)!r} holds a {type(config).__name__}, not a vision-language model: "
+                             f"{_ALLOWED}")
+        try:
+            model, info = auto.from_pretrained(directory, config=config, local_files_only=True,
+                                               attn_implementation="sdpa", ignore_mismatched_sizes=True,
+                                               output_loading_info=True)
+        except OSError as error:  # no weights file
+            raise FileNotFoundError(f"{str(directory)!r} has no readable weights ({_one_line(error)}): "
+                                    f"{_ALLOWED}") from None
+        except Exception as error:  # a corrupt or truncated safetensors / bin file
+            raise ValueError(f"{str(directory)!r} has corrupt weights ({_one_line(error)}): {_ALLOWED}") from None
+    finally:
+        transformers.utils.logging.set_verbosity(verbosity)
+    for kind in ("missing_keys", "mismatched_keys"):
+        keys = sorted(str(key[0] if isinstance(key, tuple) else key) for key in info.get(kind) or ())
+        if keys:
+            what = "lack" if kind == "missing_keys" else "have the wrong shape for"
+            raise ValueError(f"the weights in {str(directory)!r} {what} {len(keys)} of the model's tensors "
+                             f"(e.g. {keys[0]}): {_ALLOWED}")
+    return model.eval()

@@ -1,7 +1,7 @@
 """Quality evaluation of eviction policies on a VLM through the compiled pass (``csp-compile eval``)."""
 
 from csp_compile.evaluation.eval_set import EvalSet, eval_set_for, is_task_model, task_eval_set
-from csp_compile.evaluation.policy_spec import PolicySpec, parse_budgets, parse_policies
+from csp_compile.evaluation.policy_spec import PolicySpec, parse_budgets, parse_policies, parse_policy
 from csp_compile.evaluation.runner import Outcome, evaluate, run_config, run_full, score
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "is_task_model",
     "parse_budgets",
     "parse_policies",
+    "parse_policy",
     "run_config",
     "run_full",
     "score",

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from csp_compile.config import CROSS_RATIO_RULES, CSPConfig
 from csp_compile.policies import available_policies
 
-__all__ = ["PolicySpec", "parse_budgets", "parse_policies"]
+__all__ = ["PolicySpec", "parse_budgets", "parse_policies", "parse_policy"]
 
 
 @dataclass(frozen=True)
@@ -31,36 +31,48 @@ def _allowed() -> str:
     return f"{', '.join(available_policies())}, {rules} or csp:<float in [0, 1]>"
 
 
-def _parse_one(text: str) -> PolicySpec:
-    name, _, rule = text.partition(":")
+def _parse_one(text: str, option: str) -> PolicySpec:
+    name, colon, rule = text.partition(":")
     if name not in available_policies():
-        raise ValueError(f"unknown policy {text!r}: allowed {_allowed()}")
-    if not rule:
+        raise ValueError(f"{option}: unknown policy {text!r}; allowed {_allowed()}")
+    if not colon:
         return PolicySpec(text, name)
     if name != "csp":
-        raise ValueError(f"policy {text!r}: only csp takes a cross-ratio rule after ':'; allowed {_allowed()}")
+        raise ValueError(f"{option}: policy {text!r}: only csp takes a cross-ratio rule after ':'; allowed {_allowed()}")
     if rule in CROSS_RATIO_RULES:
         return PolicySpec(text, name, rule)
     try:
         ratio = float(rule)
     except ValueError:
-        raise ValueError(f"policy {text!r}: unknown cross-ratio rule {rule!r}; allowed {_allowed()}") from None
+        raise ValueError(f"{option}: policy {text!r}: unknown cross-ratio rule {rule!r}; allowed {_allowed()}") from None
     if not 0.0 <= ratio <= 1.0:
-        raise ValueError(f"policy {text!r}: cross ratio {ratio} is outside [0, 1]")
+        raise ValueError(f"{option}: policy {text!r}: cross ratio {ratio} is outside [0, 1]; allowed {_allowed()}")
     return PolicySpec(text, name, ratio)
 
 
-def parse_policies(text: str) -> list[PolicySpec]:
-    """Comma-separated policy specs, in order, without duplicates; ValueError names the bad one."""
+def parse_policies(text: str, option: str = "--policies") -> list[PolicySpec]:
+    """Comma-separated policy specs, in order, without duplicates; ValueError names ``option`` and the bad one."""
     parts = [part.strip() for part in text.split(",") if part.strip()]
     if not parts:
-        raise ValueError(f"--policies is empty: allowed a comma-separated list of {_allowed()}")
-    specs = [_parse_one(part) for part in parts]
+        raise ValueError(f"{option} is empty: allowed a comma-separated list of {_allowed()}")
+    specs = [_parse_one(part, option) for part in parts]
     labels = [spec.label for spec in specs]
     duplicates = sorted({label for label in labels if labels.count(label) > 1})
     if duplicates:
-        raise ValueError(f"--policies lists {', '.join(duplicates)} more than once")
+        raise ValueError(f"{option} lists {', '.join(duplicates)} more than once")
     return specs
+
+
+def parse_policy(text: str, option: str = "--policy") -> PolicySpec:
+    """Exactly one policy spec (``csp``, ``csp:mass``, ``snapkv`` ...); ValueError names ``option`` and
+    what is allowed, also for a comma-separated list."""
+    parts = [part.strip() for part in text.split(",")]
+    if len(parts) > 1:
+        raise ValueError(f"{option} {text!r} is a comma-separated list, but it takes exactly one policy: "
+                         f"allowed one of {_allowed()}")
+    if not parts[0]:
+        raise ValueError(f"{option} is empty: allowed one of {_allowed()}")
+    return _parse_one(parts[0], option)
 
 
 def parse_budgets(text: str) -> list[float]:
