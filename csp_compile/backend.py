@@ -23,7 +23,13 @@ from torch._inductor.compile_fx import compile_fx
 import csp_compile.ops  # noqa: F401  (registers torch.ops.csp)
 from csp_compile.cache import EvictionState, LayerEviction
 from csp_compile.config import CSPConfig
-from csp_compile.passes.evict_prefill import PrefillPlan, copy_dynamo_graph, plan_prefill, rewrite_prefill
+from csp_compile.passes.evict_prefill import (
+    PrefillPlan,
+    copy_dynamo_graph,
+    expose_window_queries,
+    plan_prefill,
+    rewrite_prefill,
+)
 
 
 @dataclass
@@ -37,11 +43,23 @@ class CSPState(EvictionState):
     attention_mask_2d: torch.Tensor | None = None  # (b, L) int64, 1 = real token
     physical_mask_2d: torch.Tensor | None = None  # at decode, for models that build per-layer-type masks
     plans: list[PrefillPlan] = field(default_factory=list)  # one per compiled prefill graph
-    compiled_graphs: dict[str, int] = field(default_factory=lambda: {"prefill": 0, "other": 0})
+    compiled_graphs: dict[str, int] = field(default_factory=lambda: {"prefill": 0, "continued": 0, "other": 0})
+    window_queries: dict[int, torch.Tensor] = field(default_factory=dict)  # last forward's, per continued layer
+    scales: dict[int, float] = field(default_factory=dict)  # attention scale per language-model layer
+    pending: Any = None  # the model call between its pre- and post-hook (csp_compile.hooks)
 
     def reset(self) -> None:
         super().reset()
         self.physical_mask_2d = None
+        self.window_queries.clear()
+
+    def release(self) -> None:
+        """Drop every tensor and graph plan (``restore``): compiled graphs may outlive the model."""
+        self.reset()
+        self.pending = None
+        self.modality = self.attention_mask_2d = None
+        self.plans.clear()
+        self.scales.clear()
 
 
 class CSPBackend:
@@ -51,7 +69,10 @@ class CSPBackend:
         self.state = state
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
-        if not plan_prefill(gm).sites:
+        plan = plan_prefill(gm)
+        if not plan.sites:
+            if plan.continued and self.state.hooked:
+                return self._continued(gm, example_inputs)
             self.state.compiled_graphs["other"] += 1
             return compile_fx(gm, list(example_inputs))
         rewritten = copy_dynamo_graph(gm)
@@ -65,6 +86,7 @@ class CSPBackend:
             )
         self.state.plans.append(plan)
         self.state.compiled_graphs["prefill"] += 1
+        self._record_scales(plan.sites)
         example_inputs = list(example_inputs)
         if self.state.hooked:
             batch, length = _prompt_shape(plan)
@@ -87,6 +109,32 @@ class CSPBackend:
                 key = layer_index if layer_index is not None else i
                 state.layers[key] = LayerEviction(kept=extras[2 * i], slot_valid=extras[2 * i + 1])
             state.physical_length = int(extras[0].shape[-1])
+            return outputs[: layout.num_outputs]
+
+        return run
+
+
+    def _record_scales(self, sites: Sequence[Any]) -> None:
+        for site in sites:
+            if site.match.layer_index is not None:
+                self.state.scales[site.match.layer_index] = site.match.scale
+
+    def _continued(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        """A graph over a non-empty cache (decode, a new turn): compiled as is, plus each full-attention
+        layer's last ``window`` query rows as extra outputs, which ``run`` moves into the state."""
+        rewritten = copy_dynamo_graph(gm)
+        plan = plan_prefill(rewritten)
+        layout = expose_window_queries(rewritten, plan.continued, self.state.config.window)
+        self._record_scales(plan.continued)
+        self.state.compiled_graphs["continued"] += 1
+        compiled = compile_fx(rewritten, list(example_inputs))
+        state = self.state
+
+        def run(*args: Any) -> Any:
+            outputs = compiled(*args)
+            for layer_index, rows in zip(layout.layer_indices, outputs[layout.num_outputs:]):
+                if layer_index is not None:
+                    state.window_queries[layer_index] = rows
             return outputs[: layout.num_outputs]
 
         return run

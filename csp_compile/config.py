@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 CROSS_RATIO_RULES = ("auto", "population", "mass")
+NEW_TURN_MODES = ("evict", "append")
 
 
 def _fail(field: str, value: Any, allowed: str) -> None:
@@ -36,6 +37,10 @@ class CSPConfig:
     sink_tokens: leading tokens the "streaming" policy always keeps.
     pool_kernel: width of SnapKV's 1-D average pooling over keys (odd, 1 = no pooling).
     seed: seed of the "random" policy.
+    on_new_turn: what a call of more than one token on a non-empty cache (a new turn of a
+        conversation) does: "evict" re-selects ``B`` of the logical total among [kept cache + new
+        tokens], the new tokens' last ``window`` being the observation window; "append" keeps the
+        pruned cache and appends the new tokens.
     """
 
     budget: float | int = 0.2
@@ -46,6 +51,7 @@ class CSPConfig:
     sink_tokens: int = 4
     pool_kernel: int = 7
     seed: int = 0
+    on_new_turn: str = "evict"
 
     def __post_init__(self) -> None:
         self._check_budget()
@@ -62,6 +68,8 @@ class CSPConfig:
             _fail("pool_kernel", self.pool_kernel, "an odd int >= 1")
         if not _is_int(self.seed) or self.seed < 0:
             _fail("seed", self.seed, "an int >= 0")
+        if not isinstance(self.on_new_turn, str) or self.on_new_turn not in NEW_TURN_MODES:
+            _fail("on_new_turn", self.on_new_turn, f"one of {list(NEW_TURN_MODES)}")
 
     def _check_budget(self) -> None:
         if _is_int(self.budget):

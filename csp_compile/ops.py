@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from csp_compile.config import CROSS_RATIO_RULES, CSPConfig
 from csp_compile.scoring import resolve_budget
+from csp_compile.selection import gather_kept, left_aligned
 from csp_compile.templates.lowering import choose_scoring, select_with
 
 __all__ = [
@@ -226,23 +227,9 @@ def prefill_attention_op(
     choice = choose_scoring(query.device, config.policy, query.dtype)
     selection = select_with(choice, query, key, modality, config, attn_mask=attn_mask,
                             attention_mask_2d=attention_mask_2d, scale=scale, is_causal=is_causal)
-    slots = kept_slots(length, config)
-    indices = selection.indices.to(device=key.device, dtype=torch.int64)
-    if indices.shape[-1] > slots:
-        raise AssertionError(f"select_kept kept {indices.shape[-1]} > P = {slots} tokens")
-    # Left-align like left padding: a sequence keeping n of the P slots fills the last n, so at
-    # full budget the cache layout equals the prompt's (padding first).
-    empty = slots - selection.num_kept.to(key.device)  # (b,)
-    slot = torch.arange(slots, device=key.device)
-    source = (slot[None, :] - empty[:, None]).clamp(min=0)  # (b, P): index into the selection row
-    indices = F.pad(indices, (0, slots - indices.shape[-1]), value=-1)
-    indices = indices.gather(2, source[:, None, :].expand(-1, indices.shape[1], -1))
-    slot_valid = slot[None, :] >= empty[:, None]
-    indices = torch.where(slot_valid[:, None, :], indices, -1)
-    safe = indices.clamp(min=0)[..., None]
-    valid = slot_valid[:, None, :, None]
-    pruned_key = torch.where(valid, key.gather(2, safe.expand(-1, -1, -1, key.shape[-1])), 0)
-    pruned_value = torch.where(valid, value.gather(2, safe.expand(-1, -1, -1, value.shape[-1])), 0)
+    indices, slot_valid = left_aligned(selection, kept_slots(length, config))
+    indices = indices.to(device=key.device, dtype=torch.int64)
+    pruned_key, pruned_value = gather_kept(key, indices, slot_valid), gather_kept(value, indices, slot_valid)
     # SDPA's CPU kernels return a (b, L, h, D)-strided output; the op promises contiguous outputs
     # (the fake impl's layout), and the copy is bit-exact. Returning SDPA's layout instead would save
     # this copy and the model's transpose copy after the op (~2.7 ms per layer at L = 4096, hq = 4,

@@ -10,6 +10,7 @@ mask per layer type, rebuilds the evicted type's mask).
 
 from __future__ import annotations
 
+import copy
 import functools
 import itertools
 import types
@@ -21,16 +22,13 @@ import torch
 from torch import nn
 
 from csp_compile.backend import CSPBackend, CSPState
-from csp_compile.cache import check_cache, physical_attention_mask
 from csp_compile.config import CSPConfig
-from csp_compile.modality import modality_ids
-from csp_compile.ops import kept_slots
+from csp_compile.hooks import SUPPORTED_ATTENTION, language_model_pre_hook, model_post_hook, model_pre_hook
 from csp_compile.passes.evict_prefill import PrefillPlan, plan_prefill
 from csp_compile.templates.lowering import choose_scoring
 
 _ATTR = "_csp_compile"
 _TRAMPOLINES = itertools.count()
-SUPPORTED_ATTENTION = ("sdpa", "eager")
 
 
 class NoAttentionFoundError(ValueError):
@@ -58,20 +56,18 @@ def optimize(model: nn.Module, config: CSPConfig | None = None, **overrides: Any
         raise TypeError(f"config must be a CSPConfig, got {type(config).__name__}")
     if overrides:
         config = config.replace(**overrides)
+    _refuse_compiled(model)
     language_model, path = _language_model(model)
     dry_plan = _dry_trace(language_model)
     restore(model)
     state = CSPState(config=config, hooked=True)
     installed = _Installed(state, language_model, path, dry_plan=dry_plan)
-    installed.handles.append(
-        model.register_forward_pre_hook(_model_pre_hook(model, language_model, state), with_kwargs=True)
-    )
-    installed.handles.append(
-        language_model.register_forward_pre_hook(_language_model_pre_hook(language_model, state), with_kwargs=True)
-    )
+    installed.handles = _install_hooks(model, language_model, state)
     forward = _own_code_object(type(language_model).forward.__get__(language_model))
     language_model.forward = _capturing_data_dependent_ops(torch.compile(forward, backend=CSPBackend(state)))
-    setattr(model, _ATTR, installed)
+    model.__dict__[_ATTR] = installed
+    model.__dict__["__deepcopy__"] = functools.partial(_deepcopy_optimized, model)
+    model.__dict__["__getstate__"] = _refuse_pickling
     return model
 
 
@@ -82,6 +78,9 @@ def restore(model: nn.Module) -> nn.Module:
         for handle in installed.handles:
             handle.remove()
         installed.language_model.__dict__.pop("forward", None)
+        installed.state.release()
+        for name in _COPY_GUARDS:
+            model.__dict__.pop(name, None)
     return model
 
 
@@ -124,6 +123,50 @@ def explain(model: nn.Module) -> str:
 
 
 # --- internals ---------------------------------------------------------------------------------
+
+_COPY_GUARDS = ("__deepcopy__", "__getstate__")
+
+
+def _install_hooks(model: nn.Module, language_model: nn.Module, state: CSPState) -> list:
+    return [
+        model.register_forward_pre_hook(model_pre_hook(model, language_model, state), with_kwargs=True),
+        model.register_forward_hook(model_post_hook(state), with_kwargs=True, always_call=True),
+        language_model.register_forward_pre_hook(language_model_pre_hook(language_model, state), with_kwargs=True),
+    ]
+
+
+def _deepcopy_optimized(model: nn.Module, memo: dict) -> nn.Module:
+    """``copy.deepcopy`` of an optimised model: the plain model is copied (without hooks, compiled
+    forward or eviction state) and the copy is optimised afresh with the same config."""
+    installed: _Installed = model.__dict__[_ATTR]
+    saved = {name: model.__dict__.pop(name) for name in (_ATTR, *_COPY_GUARDS)}
+    forward = installed.language_model.__dict__.pop("forward")
+    for handle in installed.handles:
+        handle.remove()
+    try:
+        clone = copy.deepcopy(model, memo)
+    finally:
+        installed.handles = _install_hooks(model, installed.language_model, installed.state)
+        installed.language_model.__dict__["forward"] = forward
+        model.__dict__.update(saved)
+    return optimize(clone, installed.state.config)
+
+
+def _refuse_pickling() -> None:
+    raise TypeError("csp: an optimised model cannot be pickled (torch.save): save model.state_dict(), or call "
+                    "csp_compile.restore(model) first")
+
+
+def _refuse_compiled(model: nn.Module) -> None:
+    """``optimize`` compiles the language model itself: a model already compiled is refused in one line."""
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        raise ValueError("csp: optimize got a torch.compile'd model: pass the uncompiled one (compiled._orig_mod); "
+                         "optimize compiles the language model itself")
+    compiled = [name or type(model).__name__ for name, module in model.named_modules()
+                if getattr(module, "_compiled_call_impl", None) is not None]
+    if compiled:
+        raise ValueError(f"csp: {compiled[0]} was compiled with .compile(): optimize compiles the language model "
+                         "itself; pass a model that was not compiled")
 
 def _scoring_of(match: Any, config: CSPConfig) -> str:
     """``choose_scoring`` for a rewritten attention, from its query's example value."""
@@ -213,130 +256,3 @@ def _capturing_data_dependent_ops(compiled: Callable) -> Callable:
             return compiled(*args, **kwargs)
 
     return forward
-
-
-def _check_uniform_eviction(cache: Any, state: CSPState) -> None:
-    """Every evicting layer must hold the same physical length; a layer that ran outside the
-    compiled prefill (a graph break, Dynamo's recompile limit) would make its masks wrong."""
-    lengths = {i: layer.keys.shape[-2] for i, layer in enumerate(cache.layers)
-               if type(layer).__name__ == "DynamicLayer" and getattr(layer, "keys", None) is not None}
-    if state.evicted and len(set(lengths.values())) > 1:
-        missing = sorted(i for i in lengths if i not in state.layers)
-        raise RuntimeError(
-            f"csp: after the prefill, full-attention cache layers hold different lengths {lengths}; layers "
-            f"{missing} were not evicted (the prefill did not run as one compiled graph: a graph break or "
-            "Dynamo's recompile limit). Call csp_compile.restore(model) and report the model."
-        )
-
-
-def _cache_of(kwargs: dict) -> Any:
-    cache = kwargs.get("cache")  # transformers >= 5.2x; older releases call it past_key_values
-    return cache if cache is not None else kwargs.get("past_key_values")
-
-
-def _model_pre_hook(model: nn.Module, language_model: nn.Module, state: CSPState):
-    """At prefill: record the prompt's modality ids and padding mask. At decode after an eviction:
-    give the model the 2-D padding mask over the cache's physical slots."""
-
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        cache = _cache_of(kwargs)
-        check_cache(cache)
-        attention_mask = kwargs.get("attention_mask")
-        if cache is not None and cache.get_seq_length() > 0:
-            if not state.evicted or not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
-                return None
-            mask = physical_attention_mask(attention_mask, state.slot_valid(), state.prompt_length)
-            if _has_sliding_layers(language_model):  # sliding layers read the logical mask: fixed per layer type
-                state.physical_mask_2d = mask
-                return None
-            return args, {**kwargs, "attention_mask": mask}
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        modality = modality_ids(
-            model, input_ids,
-            token_type_ids=kwargs.get("token_type_ids"),
-            mm_token_type_ids=kwargs.get("mm_token_type_ids"),
-            attention_mask=attention_mask,
-        )
-        batch, length = modality.shape
-        if attention_mask is None:
-            attention_mask = torch.ones(batch, length, dtype=torch.int64, device=modality.device)
-        state.reset()
-        state.modality = modality
-        state.attention_mask_2d = attention_mask.to(torch.int64)
-        state.prompt_length = length
-        return None
-
-    return hook
-
-
-def _language_model_pre_hook(language_model: nn.Module, state: CSPState):
-    """At decode: contiguous cache tensors with dynamic lengths and dynamic mask lengths, so
-    decoding compiles once; with sliding-window layers beside evicted ones, the evicted layer
-    type's mask is rebuilt over physical slots (the sliding layers' stays logical)."""
-
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        cache = _cache_of(kwargs)
-        masks = kwargs.get("attention_mask")
-        if cache is None or cache.get_seq_length() == 0:
-            _refuse_unmappable_padding(language_model, state, masks)
-            return None
-        _check_uniform_eviction(cache, state)
-        for layer in cache.layers:
-            if getattr(layer, "keys", None) is not None:
-                # A sliding layer stores a strided view after prefill and a fresh tensor after the
-                # first decode step: make the layouts agree so the decode graph's stride guards hold.
-                layer.keys, layer.values = layer.keys.contiguous(), layer.values.contiguous()
-                torch._dynamo.maybe_mark_dynamic(layer.keys, 2)
-                torch._dynamo.maybe_mark_dynamic(layer.values, 2)
-        if isinstance(masks, dict) and state.physical_mask_2d is not None:
-            masks = {**masks}
-            for kind in _evicted_layer_types(language_model, state):
-                if isinstance(masks.get(kind), torch.Tensor):
-                    masks[kind] = physical_4d_mask(state.physical_mask_2d, masks[kind])
-            kwargs = {**kwargs, "attention_mask": masks}
-        for mask in masks.values() if isinstance(masks, dict) else [masks]:
-            if isinstance(mask, torch.Tensor) and mask.dim() >= 2:
-                torch._dynamo.maybe_mark_dynamic(mask, mask.dim() - 1)
-        return args, kwargs
-
-    return hook
-
-
-def physical_4d_mask(mask_2d: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A decode step's (b, 1, q, P + t) mask over physical slots from the physical 2-D padding
-    mask, in the dtype convention of ``like`` (bool = attend, or additive float); the q new
-    tokens see the cache and each other causally."""
-    batch, kv_length = mask_2d.shape
-    queries = like.shape[-2]
-    key = torch.arange(kv_length, device=mask_2d.device)
-    query = torch.arange(kv_length - queries, kv_length, device=mask_2d.device)
-    allowed = mask_2d.bool()[:, None, None, :] & (key[None, None, None, :] <= query[None, None, :, None])
-    if like.dtype == torch.bool:
-        return allowed
-    return torch.zeros(allowed.shape, dtype=like.dtype, device=like.device).masked_fill(~allowed, torch.finfo(like.dtype).min)
-
-
-def _evicted_layer_types(language_model: nn.Module, state: CSPState) -> set[str]:
-    layer_types = getattr(language_model.config, "layer_types", None) or ()
-    evicted = {layer_types[i] for i in state.layers if i < len(layer_types)}
-    shared = evicted & {kind for i, kind in enumerate(layer_types) if i not in state.layers}
-    if shared:
-        raise NotImplementedError(f"layer type(s) {sorted(shared)} mix evicted and whole layers: cannot build their mask")
-    return evicted
-
-
-def _refuse_unmappable_padding(language_model: nn.Module, state: CSPState, masks: Any) -> None:
-    """A padded batch on a model with sliding-window layers needs per-layer-type masks (a dict):
-    with one 2-D mask for all layers the evicted and the sliding ones cannot both be right."""
-    evicting = state.prompt_length is not None and kept_slots(state.prompt_length, state.config) < state.prompt_length
-    padded = state.attention_mask_2d is not None and bool((state.attention_mask_2d == 0).any())
-    if evicting and padded and _has_sliding_layers(language_model) and not isinstance(masks, dict):
-        raise NotImplementedError(
-            f"{type(language_model).__name__} has sliding-window layers and receives one padding mask for all "
-            "layers: padded batches with eviction are not supported for it; run one sequence per call or use budget=1.0"
-        )
-
-
-def _has_sliding_layers(language_model: nn.Module) -> bool:
-    layer_types = getattr(language_model.config, "layer_types", None) or ()
-    return any("sliding" in str(kind) for kind in layer_types)

@@ -44,6 +44,7 @@ class AttentionInputs:
     mask: torch.Tensor | None  # bool (True = attend) or additive, broadcastable to (b, hq, L, L)
     scale: float
     window: torch.Tensor  # (b,) int64
+    query_valid: torch.Tensor | None = None  # (b, L) rows that have a query; None = ``valid``
 
     @property
     def length(self) -> int:
@@ -129,7 +130,8 @@ def accumulated_attention(inputs: AttentionInputs, chunk: int = 256) -> torch.Te
     for start in range(0, length, chunk):
         rows = slice(start, min(start + chunk, length))
         probs = attention_probs(inputs, rows, n=0.0)
-        probs = probs * inputs.valid[:, None, rows, None]
+        query_valid = inputs.valid if inputs.query_valid is None else inputs.query_valid
+        probs = probs * query_valid[:, None, rows, None]
         total += probs.sum(dim=2)
     return gqa_mean(total, inputs.kv_heads)
 

@@ -50,11 +50,15 @@ def select_kept(
     return select_from_scores(inputs, config)
 
 
-def select_from_scores(inputs: AttentionInputs, config: CSPConfig, scores: PolicyScores | None = None) -> Selection:
+def select_from_scores(
+    inputs: AttentionInputs, config: CSPConfig, scores: PolicyScores | None = None, *, budgets: torch.Tensor | None = None,
+) -> Selection:
     """``select_kept``'s budgets, split and top-k on ``inputs``, ranking by ``scores`` (the policy's
-    own, e.g. from a fused scorer) or, when None, by the policy's reference score function."""
+    own, e.g. from a fused scorer) or, when None, by the policy's reference score function.
+    ``budgets`` (b,) overrides B per sequence (default: the contract's B of its real length)."""
     lengths = inputs.valid.sum(-1)
-    budgets = torch.tensor([resolve_budget(int(n), config)[0] for n in lengths], dtype=torch.int64)
+    if budgets is None:
+        budgets = torch.tensor([resolve_budget(int(n), config)[0] for n in lengths], dtype=torch.int64)
     policy = get_policy(config.policy)
     if policy.score is None:
         keep = inputs.valid[:, None, :].expand(-1, inputs.kv_heads, -1)
@@ -68,6 +72,28 @@ def select_from_scores(inputs: AttentionInputs, config: CSPConfig, scores: Polic
     in_window = positions[None, :] >= (inputs.length - inputs.window)[:, None]
     keep = keep | in_window[:, None, :]
     return _as_selection(keep, budgets, k_secondary)
+
+
+def left_aligned(selection: Selection, slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cache layout of ``selection`` over ``slots`` physical slots: (indices (b, hkv, slots) with -1
+    in the leading empty slots, slot_valid (b, slots)); a sequence keeping n fills the last n slots,
+    like left padding, so at full budget the layout equals the prompt's."""
+    indices = selection.indices
+    if indices.shape[-1] > slots:
+        raise AssertionError(f"the selection keeps {indices.shape[-1]} > {slots} slots")
+    empty = slots - selection.num_kept.to(indices.device)  # (b,)
+    slot = torch.arange(slots, device=indices.device)
+    source = (slot[None, :] - empty[:, None]).clamp(min=0)  # (b, P): index into the selection row
+    indices = torch.nn.functional.pad(indices, (0, slots - indices.shape[-1]), value=-1)
+    indices = indices.gather(2, source[:, None, :].expand(-1, indices.shape[1], -1))
+    slot_valid = slot[None, :] >= empty[:, None]
+    return torch.where(slot_valid[:, None, :], indices, -1), slot_valid
+
+
+def gather_kept(states: torch.Tensor, indices: torch.Tensor, slot_valid: torch.Tensor) -> torch.Tensor:
+    """Cache states (b, hkv, L, D) at ``left_aligned`` slot ``indices`` (b, hkv, P); zeros at empty slots."""
+    safe = indices.clamp(min=0)[..., None].expand(-1, -1, -1, states.shape[-1])
+    return torch.where(slot_valid[:, None, :, None], states.gather(2, safe), 0)
 
 
 def check_query_key(query: torch.Tensor, key: torch.Tensor) -> tuple[int, int, int, int]:

@@ -20,8 +20,9 @@ def _cache(kwargs):
     return kwargs.get("cache") if kwargs.get("cache") is not None else kwargs.get("past_key_values")
 
 
-def evicting_generate(model, inputs: dict, config: CSPConfig, max_new_tokens: int):
-    """(generate output with logits, kept positions per layer (b, hkv, P) or None)."""
+def evicting_generate(model, inputs: dict, config: CSPConfig, max_new_tokens: int, *, with_slots: bool = False):
+    """(generate output with logits, kept positions per layer (b, hkv, P) or None); with ``with_slots``
+    also the (b, P) slot validity after the prefill (None when nothing was evicted)."""
     language_model = model.get_decoder()
     attention_modules = {m for m in language_model.modules() if hasattr(m, "layer_idx") and hasattr(m, "q_proj")}
     mapping = ALL_ATTENTION_FUNCTIONS._global_mapping
@@ -106,4 +107,6 @@ def evicting_generate(model, inputs: dict, config: CSPConfig, max_new_tokens: in
         mapping["sdpa"] = original
         for handle in handles:
             handle.remove()
+    if with_slots:
+        return out, state["kept"], state["slot_valid"]
     return out, state["kept"]

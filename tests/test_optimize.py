@@ -92,7 +92,7 @@ def test_new_prompt_length_recompiles_prefill_only():
     csp_compile.optimize(model, budget=0.3, window=4)
     generate(model, make_inputs(model, text_len=20))
     state = model._csp_compile.state
-    decode_graphs = state.compiled_graphs["other"]
+    decode_graphs = state.compiled_graphs["continued"] + state.compiled_graphs["other"]
     inputs = make_inputs(model, text_len=31)
 
     class StanceAfterPrefill(LogitsProcessor):  # the decode graph exists: no recompile from the first step
@@ -101,7 +101,7 @@ def test_new_prompt_length_recompiles_prefill_only():
             return scores
 
     generate(model, inputs, logits_processor=LogitsProcessorList([StanceAfterPrefill()]))
-    assert state.compiled_graphs["other"] == decode_graphs
+    assert state.compiled_graphs["continued"] + state.compiled_graphs["other"] == decode_graphs
     assert state.physical_length == resolve_budget(inputs["input_ids"].shape[1], state.config)[0]
 
 
@@ -205,7 +205,7 @@ def test_inputs_embeds_without_ids_is_a_clear_error():
 
 def test_one_mask_for_sliding_and_evicted_layers_is_refused():
     """Sliding layers beside evicted ones need per-layer-type masks; a single 2-D mask is refused."""
-    from csp_compile.optimize import _refuse_unmappable_padding
+    from csp_compile.hooks import _refuse_unmappable_padding
 
     model = build_tiny_vlm("gemma3")
     state = CSPState(config=CSPConfig(budget=0.2), prompt_length=40)

@@ -47,6 +47,7 @@ class PrefillPlan:
     sites: tuple[Site, ...]
     left_alone: tuple[SkippedAttention, ...]
     matches: tuple[AttentionMatch, ...]
+    continued: tuple[Site, ...] = ()  # full-attention layers attending over a non-empty cache (decode, new turn)
 
 
 @dataclass(frozen=True)
@@ -84,23 +85,24 @@ def plan_prefill(gm: fx.GraphModule) -> PrefillPlan:
     matches, skipped = find_attention(gm)
     output_node = next(n for n in gm.graph.nodes if n.op == "output")
     outputs = {a for a in output_node.args[0] if isinstance(a, fx.Node)}  # Dynamo returns a tuple
-    sites, left_alone = [], list(skipped)
+    sites, continued, left_alone = [], [], list(skipped)
     for match in matches:
         key_cat, value_cat = _cache_cat(match.key), _cache_cat(match.value)
         reason = None
         if key_cat is None or value_cat is None:
             reason = "no KV-cache update feeds this attention (use_cache=False?)"
-        elif not (_is_empty_cache(key_cat.args[0][0]) and _is_empty_cache(value_cat.args[0][0])):
-            reason = "decode or continued prefill: the cache already held tokens"
         elif key_cat not in outputs or value_cat not in outputs:
             reason = "the cache layer does not store the whole update (sliding-window layer): kept whole"
         elif not isinstance(match.scale, float):
             reason = "attention scale is not a constant (dynamic=True?)"
+        elif not (_is_empty_cache(key_cat.args[0][0]) and _is_empty_cache(value_cat.args[0][0])):
+            continued.append(Site(match, key_cat, value_cat))
+            reason = "decode or continued prefill: the cache already held tokens (window queries exposed)"
         if reason is None:
             sites.append(Site(match, key_cat, value_cat))
         else:
             left_alone.append(SkippedAttention(match.module_path, reason))
-    return PrefillPlan(tuple(sites), tuple(left_alone), tuple(matches))
+    return PrefillPlan(tuple(sites), tuple(left_alone), tuple(matches), tuple(continued))
 
 
 def _placeholder_after(graph: fx.Graph, anchor: fx.Node, name: str, example: torch.Tensor) -> fx.Node:
@@ -186,6 +188,28 @@ def rewrite_prefill(gm: fx.GraphModule, plan: PrefillPlan, config: CSPConfig, *,
     graph.lint()
     gm.recompile()
     return PrefillRewrite(len(outputs), tuple(s.match.layer_index for s in plan.sites))
+
+
+def expose_window_queries(gm: fx.GraphModule, sites: tuple[Site, ...], window: int) -> PrefillRewrite:
+    """Append each continued site's last ``window`` post-RoPE query rows (b, hq, <= window, D) to the
+    outputs of ``gm`` (a copy of Dynamo's graph), for re-selection after the forward."""
+    graph = gm.graph
+    output_node = next(n for n in graph.nodes if n.op == "output")
+    outputs = tuple(output_node.args[0])
+    extra = []
+    for site in sites:
+        query = site.match.query
+        with graph.inserting_before(output_node):
+            rows = graph.call_function(operator.getitem, (query, (slice(None), slice(None), slice(-window, None))))
+        fake = _fake(query)
+        if fake is not None:
+            with fake.fake_mode:
+                rows.meta["example_value"] = fake[:, :, -window:]
+        extra.append(rows)
+    output_node.args = (outputs + tuple(extra),)
+    graph.lint()
+    gm.recompile()
+    return PrefillRewrite(len(outputs), tuple(s.match.layer_index for s in sites))
 
 
 def copy_dynamo_graph(gm: fx.GraphModule) -> fx.GraphModule:

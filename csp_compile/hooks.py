@@ -1,0 +1,314 @@
+"""The forward hooks ``optimize`` installs: what the compiled graph cannot see, around each call.
+
+Model pre-hook: refuses calls that would skip eviction; turns the cache's full-attention layers
+into ``LogicalLayer`` s (logical length + slot map); at a prefill records the prompt's modality ids
+and padding; on a non-empty cache (decode, a new turn) logs the new tokens and hands transformers
+the padding mask in the frame the layers' masks use (``offset_attention_mask``).
+Model post-hook: after a prefill stores each evicted layer's slot map on the cache; after a new
+turn of more than one token with ``on_new_turn="evict"`` re-selects every evicting layer
+(``reselect``). Language-model pre-hook: dynamic cache and mask lengths, so decoding compiles once;
+for models that build one mask per layer type, the evicted type's slot columns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.cache_utils import DynamicCache
+
+from csp_compile.backend import CSPState
+from csp_compile.cache import (
+    LayerEviction,
+    LogicalLayer,
+    SlotMap,
+    adopt_logical_layers,
+    check_cache,
+    offset_attention_mask,
+    slot_validity,
+    synced_slots,
+    token_log,
+)
+from csp_compile.modality import modality_ids
+from csp_compile.ops import kept_slots
+from csp_compile.reselect import apply_reselection, reselect
+
+SUPPORTED_ATTENTION = ("sdpa", "eager")
+
+
+@dataclass
+class _Pending:
+    """The call between a model's pre-hook and its post-hook."""
+
+    kind: str  # "prefill" or "continued"
+    cache: DynamicCache
+    new_tokens: int
+
+
+def cache_of(kwargs: dict) -> Any:
+    cache = kwargs.get("cache")  # transformers >= 5.2x; older releases call it past_key_values
+    return cache if cache is not None else kwargs.get("past_key_values")
+
+
+def check_call(language_model: nn.Module, kwargs: dict) -> None:
+    """Refuse, in one line, a call the compiled pass would run without evicting."""
+    implementation = getattr(language_model.config, "_attn_implementation", None)
+    if implementation not in SUPPORTED_ATTENTION:
+        raise RuntimeError(
+            f"csp: the language model's attention implementation is now {implementation!r} (changed after optimize); "
+            f"set it back to one of {list(SUPPORTED_ATTENTION)} or call csp_compile.restore(model) first"
+        )
+    if kwargs.get("output_attentions"):
+        raise ValueError("csp: output_attentions=True is not supported on an optimised model (the fused attention "
+                         "returns no weights): call csp_compile.restore(model) to get attention weights")
+
+
+def model_pre_hook(model: nn.Module, language_model: nn.Module, state: CSPState):
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        check_call(language_model, kwargs)
+        cache = cache_of(kwargs)
+        check_cache(cache)
+        if cache is None:
+            if kwargs.get("use_cache", getattr(model.config, "use_cache", True)) is False:
+                return None
+            cache = DynamicCache(config=model.config)  # the language model would make one inside the graph
+            kwargs = {**kwargs, "cache": cache}
+        adopt_logical_layers(cache)
+        if cache.get_seq_length() == 0:
+            _start_prefill(model, language_model, state, cache, args, kwargs)
+            return args, kwargs
+        return args, _continue(model, language_model, state, cache, args, kwargs)
+
+    return hook
+
+
+def _start_prefill(model, language_model, state: CSPState, cache, args: tuple, kwargs: dict) -> None:
+    if torch.is_grad_enabled() and any(p.requires_grad for p in language_model.parameters()):
+        raise RuntimeError("csp: optimised models are inference only: call them under torch.no_grad() or "
+                           "torch.inference_mode() (generate does)")
+    input_ids = kwargs.get("input_ids", args[0] if args else None)
+    attention_mask = kwargs.get("attention_mask")
+    modality = modality_ids(
+        model, input_ids,
+        token_type_ids=kwargs.get("token_type_ids"),
+        mm_token_type_ids=kwargs.get("mm_token_type_ids"),
+        attention_mask=attention_mask,
+    )
+    batch, length = modality.shape
+    if attention_mask is None:
+        attention_mask = torch.ones(batch, length, dtype=torch.int64, device=modality.device)
+    state.reset()
+    state.modality = modality
+    state.attention_mask_2d = attention_mask.to(torch.int64)
+    state.prompt_length = length
+    token_log(cache, reset=True).append(modality, attention_mask)
+    state.pending = _Pending("prefill", cache, length)
+
+
+def _continue(model, language_model, state: CSPState, cache, args: tuple, kwargs: dict) -> dict:
+    """Log a call on a non-empty cache; leave the slot validity for the language model's masks."""
+    input_ids = kwargs.get("input_ids", args[0] if args else None)
+    embeds = kwargs.get("inputs_embeds")
+    new_tokens = input_ids.shape[-1] if input_ids is not None else embeds.shape[1]
+    batch = input_ids.shape[0] if input_ids is not None else embeds.shape[0]
+    device = input_ids.device if input_ids is not None else embeds.device
+    attention_mask = kwargs.get("attention_mask")
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+        new_valid = attention_mask[:, -new_tokens:]
+    else:
+        new_valid = torch.ones(batch, new_tokens, dtype=torch.int64, device=device)
+    log = token_log(cache)
+    logical = cache.get_seq_length()
+    layers = [layer for layer in cache.layers if isinstance(layer, LogicalLayer)]
+    pruned = [layer for layer in layers if layer.slots is not None]
+    if log.length != logical and (pruned or state.config.on_new_turn == "evict"):
+        raise ValueError(
+            f"csp: this cache holds {logical} tokens that did not go through this optimised model (its log has "
+            f"{log.length}): continue from the cache the optimised model returned, or start a new conversation"
+        )
+    if log.length == logical:
+        modality = modality_ids(
+            model, input_ids,
+            token_type_ids=_last(kwargs.get("token_type_ids"), new_tokens),
+            mm_token_type_ids=_last(kwargs.get("mm_token_type_ids"), new_tokens),
+            attention_mask=new_valid,
+        )
+        slot_valid = slot_validity(pruned[0], log) if pruned else None
+        log.append(modality, new_valid)
+    else:
+        slot_valid = None
+    state.pending = _Pending("continued", cache, new_tokens)
+    if slot_valid is not None and not (pruned[0].physical_length == logical and bool(slot_valid.all())):
+        state.physical_mask_2d = slot_valid  # the language model's pre-hook puts it in the masks' slot columns
+    return kwargs
+
+
+def _last(type_ids: torch.Tensor | None, count: int) -> torch.Tensor | None:
+    return type_ids[..., -count:] if isinstance(type_ids, torch.Tensor) else None
+
+
+def model_post_hook(state: CSPState):
+    def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        pending, state.pending = state.pending, None
+        try:
+            if pending is None:
+                return
+            if pending.kind == "prefill":
+                _finish_prefill(state, pending.cache)
+            elif pending.new_tokens > 1 and state.config.on_new_turn == "evict":
+                evict_new_turn(state, pending.cache)
+        finally:
+            state.window_queries.clear()
+
+    return hook
+
+
+def _finish_prefill(state: CSPState, cache) -> None:
+    """Store each evicted layer's slot map on the cache; raise if a prefill that should evict did not."""
+    if not state.layers:
+        if state.prompt_length and kept_slots(state.prompt_length, state.config) < state.prompt_length:
+            raise RuntimeError(
+                "csp: the prefill ran without evicting any layer (its attention did not go through the compiled "
+                "pass); call csp_compile.restore(model) and report the model"
+            )
+        return
+    modality = state.modality
+    for index, eviction in state.layers.items():
+        layer = cache.layers[index]
+        if not isinstance(layer, LogicalLayer):
+            raise RuntimeError(f"csp: cache layer {index} is a {type(layer).__name__}, expected an evicting layer")
+        kept = eviction.kept
+        slot_modality = torch.where(kept >= 0, modality[:, None, :].expand(-1, kept.shape[1], -1).gather(
+            2, kept.clamp(min=0)), 0)
+        layer.slots = SlotMap(kept, slot_modality, eviction.slot_valid)
+
+
+def evict_new_turn(state: CSPState, cache) -> None:
+    """Re-select every evicting layer over [kept slots + the new turn] (``reselect``)."""
+    log = token_log(cache)
+    real_counts = log.real_counts()
+    for index in sorted(state.layers):
+        layer = cache.layers[index]
+        rows = state.window_queries.get(index)
+        if rows is None:
+            raise RuntimeError(
+                f"csp: layer {index} ran outside the compiled graph on this turn (no window queries): the cache was "
+                "not re-selected; call csp_compile.restore(model) and report the model"
+            )
+        slots = synced_slots(layer, log)
+        indices, slot_valid = reselect(rows, layer.keys, slots, real_counts, state.config, state.scales[index])
+        apply_reselection(layer, slots, indices, slot_valid)
+        state.layers[index] = LayerEviction(kept=layer.slots.positions, slot_valid=slot_valid)
+        state.physical_length = slot_valid.shape[-1]
+
+
+def language_model_pre_hook(language_model: nn.Module, state: CSPState):
+    """At decode: contiguous cache tensors with dynamic lengths and dynamic mask lengths, so
+    decoding compiles once; with sliding-window layers beside evicted ones, the evicted layer
+    type's mask gets the slot validity in its slot columns (the sliding layers' stays logical)."""
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        cache = cache_of(kwargs)
+        masks = kwargs.get("attention_mask")
+        if cache is None or cache.get_seq_length() == 0:
+            _refuse_unmappable_padding(language_model, state, masks)
+            return None
+        _check_uniform_eviction(cache, state)
+        for layer in cache.layers:
+            if getattr(layer, "keys", None) is not None:
+                # A sliding layer stores a strided view after prefill and a fresh tensor after the
+                # first decode step: make the layouts agree so the decode graph's stride guards hold.
+                layer.keys, layer.values = layer.keys.contiguous(), layer.values.contiguous()
+                torch._dynamo.maybe_mark_dynamic(layer.keys, 2)
+                torch._dynamo.maybe_mark_dynamic(layer.values, 2)
+        slot_valid, state.physical_mask_2d = state.physical_mask_2d, None
+        if slot_valid is not None:
+            if isinstance(masks, dict):
+                masks = {**masks}
+                for kind in _evicted_layer_types(language_model, state):
+                    masks[kind] = with_slot_columns(masks.get(kind), slot_valid)
+            elif masks is None or masks.dim() == 2:
+                if masks is None:
+                    new_tokens = _new_token_count(args, kwargs)
+                    masks = torch.ones(slot_valid.shape[0], cache.get_seq_length() + new_tokens, dtype=torch.int64,
+                                       device=slot_valid.device)
+                masks = offset_attention_mask(masks, slot_valid, cache.get_seq_length())
+            else:
+                masks = with_slot_columns(masks, slot_valid)
+            kwargs = {**kwargs, "attention_mask": masks}
+        for mask in masks.values() if isinstance(masks, dict) else [masks]:
+            if isinstance(mask, torch.Tensor) and mask.dim() >= 2:
+                torch._dynamo.maybe_mark_dynamic(mask, mask.dim() - 1)
+        return args, kwargs
+
+    return hook
+
+
+def _new_token_count(args: tuple, kwargs: dict) -> int:
+    embeds = kwargs.get("inputs_embeds")
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    return embeds.shape[1] if embeds is not None else ids.shape[-1]
+
+
+def with_slot_columns(mask: torch.Tensor | None, slot_valid: torch.Tensor) -> torch.Tensor:
+    """The model's (b|1, 1, q, P + q) mask of an evicted layer type with its first P (slot) columns set
+    to ``slot_valid`` (b, P): kept slots all precede the queries, so only padding hides one. ``mask``
+    None (SDPA's causal shortcut) becomes the equivalent bool mask."""
+    batch, physical = slot_valid.shape
+    if mask is None:
+        return _causal_slot_mask(slot_valid)
+    mask = mask.expand(batch, *mask.shape[1:]).clone()
+    if mask.dtype == torch.bool:
+        mask[..., :physical] = slot_valid[:, None, None, :]
+    else:
+        blocked = torch.finfo(mask.dtype).min
+        mask[..., :physical] = torch.where(slot_valid[:, None, None, :], 0.0, blocked).to(mask.dtype)
+    return mask
+
+
+def _causal_slot_mask(slot_valid: torch.Tensor) -> torch.Tensor:
+    """The bool (b, 1, 1, P + 1) mask of one decode query over ``slot_valid`` slots and itself."""
+    ones = torch.ones(slot_valid.shape[0], 1, dtype=torch.bool, device=slot_valid.device)
+    return torch.cat([slot_valid.bool(), ones], dim=-1)[:, None, None, :]
+
+
+def _check_uniform_eviction(cache: Any, state: CSPState) -> None:
+    """Every evicting layer must hold the same physical length; a layer that ran outside the
+    compiled prefill (a graph break, Dynamo's recompile limit) would make its masks wrong."""
+    lengths = {i: layer.keys.shape[-2] for i, layer in enumerate(cache.layers)
+               if isinstance(layer, LogicalLayer) and getattr(layer, "keys", None) is not None}
+    if state.evicted and len(set(lengths.values())) > 1:
+        missing = sorted(i for i in lengths if i not in state.layers)
+        raise RuntimeError(
+            f"csp: full-attention cache layers hold different lengths {lengths}; layers {missing} were not evicted "
+            "(the prefill did not run as one compiled graph: a graph break or Dynamo's recompile limit). Call "
+            "csp_compile.restore(model) and report the model."
+        )
+
+
+def _evicted_layer_types(language_model: nn.Module, state: CSPState) -> set[str]:
+    layer_types = getattr(language_model.config, "layer_types", None) or ()
+    evicted = {layer_types[i] for i in state.layers if i < len(layer_types)}
+    shared = evicted & {kind for i, kind in enumerate(layer_types) if i not in state.layers}
+    if shared:
+        raise NotImplementedError(f"layer type(s) {sorted(shared)} mix evicted and whole layers: cannot build their mask")
+    return evicted
+
+
+def _refuse_unmappable_padding(language_model: nn.Module, state: CSPState, masks: Any) -> None:
+    """A padded batch on a model with sliding-window layers needs per-layer-type masks (a dict):
+    with one 2-D mask for all layers the evicted and the sliding ones cannot both be right."""
+    evicting = state.prompt_length is not None and kept_slots(state.prompt_length, state.config) < state.prompt_length
+    padded = state.attention_mask_2d is not None and bool((state.attention_mask_2d == 0).any())
+    if evicting and padded and _has_sliding_layers(language_model) and not isinstance(masks, dict):
+        raise NotImplementedError(
+            f"{type(language_model).__name__} has sliding-window layers and receives one padding mask for all "
+            "layers: padded batches with eviction are not supported for it; run one sequence per call or use budget=1.0"
+        )
+
+
+def _has_sliding_layers(language_model: nn.Module) -> bool:
+    layer_types = getattr(language_model.config, "layer_types", None) or ()
+    return any("sliding" in str(kind) for kind in layer_types)
