@@ -107,7 +107,8 @@ class CSPBackend:
             extras = outputs[layout.num_outputs:]
             for i, layer_index in enumerate(layout.layer_indices):
                 key = layer_index if layer_index is not None else i
-                state.layers[key] = LayerEviction(kept=extras[2 * i], slot_valid=extras[2 * i + 1])
+                state.layers[key] = LayerEviction(kept=extras[3 * i], slot_valid=extras[3 * i + 1])
+                state.window_queries[key] = extras[3 * i + 2]
             state.physical_length = int(extras[0].shape[-1])
             return outputs[: layout.num_outputs]
 

@@ -69,6 +69,7 @@ class LogicalLayer(DynamicLayer):
         super().__init__(**kwargs)
         self.cumulative_length = 0
         self.slots: SlotMap | None = None
+        self.recent_queries: torch.Tensor | None = None  # (b, hq, <= window, D) of the last tokens
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         self.cumulative_length += key_states.shape[-2]
@@ -87,7 +88,7 @@ class LogicalLayer(DynamicLayer):
 
     def reset(self) -> None:
         super().reset()
-        self.slots = None
+        self.slots = self.recent_queries = None
 
     def crop(self, tokens_to_remove: int) -> None:
         before = self.physical_length
@@ -160,6 +161,7 @@ class TokenLog:
 
     chunks: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     length: int = 0
+    decoded: int = 0  # single-token calls since the last prefill or new turn
 
     def append(self, modality: torch.Tensor, valid: torch.Tensor) -> None:
         self.chunks.append((modality.to(torch.int64), valid.to(torch.bool)))
@@ -198,7 +200,7 @@ def adopt_logical_layers(cache: Cache) -> list[int]:
             logical = LogicalLayer()
             logical.__dict__.update(layer.__dict__)
             logical.cumulative_length = layer.get_seq_length()
-            logical.slots = None
+            logical.slots = logical.recent_queries = None
             cache.layers[index] = logical
         if isinstance(cache.layers[index], LogicalLayer):
             indices.append(index)

@@ -23,6 +23,18 @@ def _is_real(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _check_budget_value(field: str, value: Any, prefix: str = "") -> None:
+    allowed = f"{prefix}a float in (0, 1] (fraction) or an int >= 1 (tokens)"
+    if _is_int(value):
+        if value < 1:
+            _fail(field, value, allowed)
+    elif isinstance(value, float):
+        if not (math.isfinite(value) and 0.0 < value <= 1.0):
+            _fail(field, value, allowed)
+    else:
+        _fail(field, value, allowed)
+
+
 @dataclass(frozen=True, kw_only=True)
 class CSPConfig:
     """Configuration of KV-cache pruning at prefill (DESIGN §2).
@@ -41,6 +53,12 @@ class CSPConfig:
         conversation) does: "evict" re-selects ``B`` of the logical total among [kept cache + new
         tokens], the new tokens' last ``window`` being the observation window; "append" keeps the
         pruned cache and appends the new tokens.
+    decode_budget: decode-time eviction: None (off), a float in (0, 1] (fraction of the tokens seen)
+        or an int >= 1 (tokens); every ``decode_every`` decoded tokens each evicting layer is
+        re-scored with the last ``window`` tokens' queries and compressed back to it.
+    decode_every: decoded tokens between two decode-time compressions (an int >= 1).
+    prefill_chunk: None (one-shot prefill) or an int >= 1: a longer prompt is prefilled this many
+        tokens at a time, re-selecting after each chunk, so the KV cache peaks at about B + chunk.
     """
 
     budget: float | int = 0.2
@@ -52,6 +70,9 @@ class CSPConfig:
     pool_kernel: int = 7
     seed: int = 0
     on_new_turn: str = "evict"
+    decode_budget: float | int | None = None
+    decode_every: int = 16
+    prefill_chunk: int | None = None
 
     def __post_init__(self) -> None:
         self._check_budget()
@@ -72,14 +93,20 @@ class CSPConfig:
             _fail("on_new_turn", self.on_new_turn, f"one of {list(NEW_TURN_MODES)}")
 
     def _check_budget(self) -> None:
-        if _is_int(self.budget):
-            if self.budget < 1:
-                _fail("budget", self.budget, "a float in (0, 1] (fraction) or an int >= 1 (tokens)")
-        elif isinstance(self.budget, float):
-            if not (math.isfinite(self.budget) and 0.0 < self.budget <= 1.0):
-                _fail("budget", self.budget, "a float in (0, 1] (fraction) or an int >= 1 (tokens)")
-        else:
-            _fail("budget", self.budget, "a float in (0, 1] (fraction) or an int >= 1 (tokens)")
+        _check_budget_value("budget", self.budget)
+        if self.decode_budget is not None:
+            _check_budget_value("decode_budget", self.decode_budget, "None (off), ")
+        if not _is_int(self.decode_every) or self.decode_every < 1:
+            _fail("decode_every", self.decode_every, "an int >= 1")
+        if self.prefill_chunk is not None and (not _is_int(self.prefill_chunk) or self.prefill_chunk < 1):
+            _fail("prefill_chunk", self.prefill_chunk, "None (one-shot prefill) or an int >= 1")
+
+    @property
+    def decode_config(self) -> "CSPConfig":
+        """This config with ``budget = decode_budget`` (what a decode-time compression keeps)."""
+        if self.decode_budget is None:
+            raise ValueError("CSPConfig.decode_budget is None: decode-time eviction is off")
+        return self.replace(budget=self.decode_budget, decode_budget=None, prefill_chunk=None)
 
     def _check_cross_ratio(self) -> None:
         allowed = f"a float in [0, 1] or one of {list(CROSS_RATIO_RULES)}"

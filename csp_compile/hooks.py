@@ -42,7 +42,7 @@ SUPPORTED_ATTENTION = ("sdpa", "eager")
 class _Pending:
     """The call between a model's pre-hook and its post-hook."""
 
-    kind: str  # "prefill" or "continued"
+    kind: str  # "prefill", "continued" or "chunked" (a chunked prefill, finished by the language model)
     cache: DynamicCache
     new_tokens: int
 
@@ -157,8 +157,8 @@ def model_post_hook(state: CSPState):
                 return
             if pending.kind == "prefill":
                 _finish_prefill(state, pending.cache)
-            elif pending.new_tokens > 1 and state.config.on_new_turn == "evict":
-                evict_new_turn(state, pending.cache)
+            elif pending.kind == "continued":
+                _after_continued(state, pending)
         finally:
             state.window_queries.clear()
 
@@ -166,7 +166,8 @@ def model_post_hook(state: CSPState):
 
 
 def _finish_prefill(state: CSPState, cache) -> None:
-    """Store each evicted layer's slot map on the cache; raise if a prefill that should evict did not."""
+    """Store each evicted layer's slot map and window queries on the cache; raise if a prefill that
+    should evict did not."""
     if not state.layers:
         if state.prompt_length and kept_slots(state.prompt_length, state.config) < state.prompt_length:
             raise RuntimeError(
@@ -183,22 +184,53 @@ def _finish_prefill(state: CSPState, cache) -> None:
         slot_modality = torch.where(kept >= 0, modality[:, None, :].expand(-1, kept.shape[1], -1).gather(
             2, kept.clamp(min=0)), 0)
         layer.slots = SlotMap(kept, slot_modality, eviction.slot_valid)
+        layer.recent_queries = state.window_queries.get(index)
+    token_log(cache).decoded = 0
 
 
-def evict_new_turn(state: CSPState, cache) -> None:
-    """Re-select every evicting layer over [kept slots + the new turn] (``reselect``)."""
+def _after_continued(state: CSPState, pending: _Pending) -> None:
+    """After a call on a non-empty cache: a new turn re-selects (``on_new_turn="evict"``); decoded
+    tokens are counted and, with ``decode_budget``, compressed every ``decode_every`` of them."""
+    config, cache = state.config, pending.cache
     log = token_log(cache)
-    real_counts = log.real_counts()
+    if config.decode_budget is not None:
+        for index in state.layers:
+            layer = cache.layers[index]
+            rows = _window_rows(state, index)
+            before = getattr(layer, "recent_queries", None)
+            joined = rows if before is None or pending.new_tokens > 1 and config.on_new_turn == "evict" else (
+                torch.cat([before, rows], dim=2))
+            layer.recent_queries = joined[:, :, -config.window:]
+    if pending.new_tokens > 1:
+        log.decoded = 0
+        if config.on_new_turn == "evict":
+            reselect_layers(state, cache, config, lambda index, layer: _window_rows(state, index))
+        return
+    log.decoded += 1
+    if config.decode_budget is not None and log.decoded % config.decode_every == 0:
+        reselect_layers(state, cache, config.decode_config, lambda index, layer: layer.recent_queries)
+
+
+def _window_rows(state: CSPState, index: int) -> torch.Tensor:
+    rows = state.window_queries.get(index)
+    if rows is None:
+        raise RuntimeError(
+            f"csp: layer {index} ran outside the compiled graph on this call (no window queries): the cache cannot be "
+            "re-selected; call csp_compile.restore(model) and report the model"
+        )
+    return rows
+
+
+def reselect_layers(state: CSPState, cache, config, window_rows) -> None:
+    """Re-select every evicting layer over its current slots (``reselect``), observing the queries
+    ``window_rows(index, layer)`` (b, hq, w, D) of the last ``w`` tokens, with ``config``'s budget."""
+    log = token_log(cache)
     for index in sorted(state.layers):
         layer = cache.layers[index]
-        rows = state.window_queries.get(index)
-        if rows is None:
-            raise RuntimeError(
-                f"csp: layer {index} ran outside the compiled graph on this turn (no window queries): the cache was "
-                "not re-selected; call csp_compile.restore(model) and report the model"
-            )
+        real_counts = log.columns(0, layer.cumulative_length)[1].sum(-1)
         slots = synced_slots(layer, log)
-        indices, slot_valid = reselect(rows, layer.keys, slots, real_counts, state.config, state.scales[index])
+        indices, slot_valid = reselect(window_rows(index, layer), layer.keys, slots, real_counts, config,
+                                       state.scales[index])
         apply_reselection(layer, slots, indices, slot_valid)
         state.layers[index] = LayerEviction(kept=layer.slots.positions, slot_valid=slot_valid)
         state.physical_length = slot_valid.shape[-1]
@@ -312,3 +344,75 @@ def _refuse_unmappable_padding(language_model: nn.Module, state: CSPState, masks
 def _has_sliding_layers(language_model: nn.Module) -> bool:
     layer_types = getattr(language_model.config, "layer_types", None) or ()
     return any("sliding" in str(kind) for kind in layer_types)
+
+
+_CHUNKABLE_INPUTS = {"inputs_embeds", "attention_mask", "position_ids", "cache", "past_key_values", "use_cache",
+                     "return_dict", "input_ids"}
+
+
+def chunked_prefill(language_model: nn.Module, compiled_forward: Any, state: CSPState) -> Any:
+    """The language model's forward with ``config.prefill_chunk``: a prompt longer than the chunk is
+    prefilled chunk by chunk (each through the module, so its hooks run), every evicting layer
+    re-selected after each chunk, observing the last ``window`` tokens' queries (across chunks);
+    the output's hidden states are the chunks' joined."""
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        chunk = state.config.prefill_chunk
+        cache, embeds = cache_of(kwargs), kwargs.get("inputs_embeds")
+        if (chunk is None or args or cache is None or embeds is None or embeds.shape[1] <= chunk
+                or cache.get_seq_length() > 0 or not state.hooked):
+            return compiled_forward(*args, **kwargs)
+        _check_chunkable(language_model, kwargs)
+        length = embeds.shape[1]
+        mask, positions = kwargs.get("attention_mask"), kwargs.get("position_ids")
+        modality, padding = state.modality, state.attention_mask_2d
+        outputs, hidden = None, []
+        for start in range(0, length, chunk):
+            stop = min(start + chunk, length)
+            part = {**kwargs, "inputs_embeds": embeds[:, start:stop],
+                    "attention_mask": None if mask is None else mask[:, :stop],
+                    "position_ids": None if positions is None else positions[..., start:stop]}
+            if start == 0:
+                state.modality, state.attention_mask_2d = modality[:, :stop].contiguous(), padding[:, :stop].contiguous()
+                state.prompt_length = stop
+                outputs = language_model(**part)
+                _finish_prefill(state, cache)
+            else:
+                layers = [cache.layers[i] for i in sorted(state.layers)]
+                if layers:
+                    state.physical_mask_2d = slot_validity(layers[0], token_log(cache))
+                outputs = language_model(**part)
+                _chunk_reselect(state, cache)
+            state.window_queries.clear()
+            hidden.append(outputs.last_hidden_state)
+        state.modality, state.attention_mask_2d, state.prompt_length = modality, padding, length
+        state.pending.kind = "chunked"  # the model's post-hook has nothing left to do
+        outputs.last_hidden_state = torch.cat(hidden, dim=1)
+        return outputs
+
+    return forward
+
+
+def _chunk_reselect(state: CSPState, cache) -> None:
+    for index in state.layers:
+        layer = cache.layers[index]
+        rows = _window_rows(state, index)
+        joined = rows if layer.recent_queries is None else torch.cat([layer.recent_queries, rows], dim=2)
+        layer.recent_queries = joined[:, :, -state.config.window:]
+    reselect_layers(state, cache, state.config, lambda index, layer: layer.recent_queries)
+
+
+def _check_chunkable(language_model: nn.Module, kwargs: dict) -> None:
+    mask = kwargs.get("attention_mask")
+    if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
+        raise NotImplementedError(
+            f"csp: prefill_chunk needs a language model that builds its own masks from a 2-D padding mask; "
+            f"{type(language_model).__name__} is handed prebuilt masks ({type(mask).__name__}): use prefill_chunk=None"
+        )
+    extra = sorted(k for k, v in kwargs.items()
+                   if k not in _CHUNKABLE_INPUTS and (isinstance(v, (torch.Tensor, list, tuple, dict)) or k.startswith("output_")
+                                                       and bool(v)))
+    if extra:
+        raise NotImplementedError(
+            f"csp: prefill_chunk cannot split the language model's inputs {extra} into chunks: use prefill_chunk=None"
+        )

@@ -23,7 +23,13 @@ from torch import nn
 
 from csp_compile.backend import CSPBackend, CSPState
 from csp_compile.config import CSPConfig
-from csp_compile.hooks import SUPPORTED_ATTENTION, language_model_pre_hook, model_post_hook, model_pre_hook
+from csp_compile.hooks import (
+    SUPPORTED_ATTENTION,
+    chunked_prefill,
+    language_model_pre_hook,
+    model_post_hook,
+    model_pre_hook,
+)
 from csp_compile.passes.evict_prefill import PrefillPlan, plan_prefill
 from csp_compile.templates.lowering import choose_scoring
 
@@ -56,7 +62,6 @@ def optimize(model: nn.Module, config: CSPConfig | None = None, **overrides: Any
         raise TypeError(f"config must be a CSPConfig, got {type(config).__name__}")
     if overrides:
         config = config.replace(**overrides)
-    _refuse_compiled(model)
     language_model, path = _language_model(model)
     dry_plan = _dry_trace(language_model)
     restore(model)
@@ -64,7 +69,8 @@ def optimize(model: nn.Module, config: CSPConfig | None = None, **overrides: Any
     installed = _Installed(state, language_model, path, dry_plan=dry_plan)
     installed.handles = _install_hooks(model, language_model, state)
     forward = _own_code_object(type(language_model).forward.__get__(language_model))
-    language_model.forward = _capturing_data_dependent_ops(torch.compile(forward, backend=CSPBackend(state)))
+    compiled = _capturing_data_dependent_ops(torch.compile(forward, backend=CSPBackend(state)))
+    language_model.forward = chunked_prefill(language_model, compiled, state)
     model.__dict__[_ATTR] = installed
     model.__dict__["__deepcopy__"] = functools.partial(_deepcopy_optimized, model)
     model.__dict__["__getstate__"] = _refuse_pickling
@@ -186,6 +192,7 @@ def _installed(model: nn.Module) -> _Installed:
 def _language_model(model: nn.Module) -> tuple[nn.Module, str]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _refuse_compiled(model)
     get_decoder = getattr(model, "get_decoder", None)
     decoder = get_decoder() if callable(get_decoder) else None
     if decoder is None or decoder is model or not hasattr(decoder, "config"):

@@ -2,7 +2,7 @@
 
 When a new turn (``on_new_turn="evict"``) is prefilled into a pruned cache, each evicting layer
 holds ``P`` kept slots followed by the turn's ``q`` tokens. The observation window is the turn's
-last ``W = min(window, B, q)`` tokens, whose post-RoPE queries the compiled graph exposes; ``B``
+last ``W = min(window, B, q)`` real tokens, whose post-RoPE queries the compiled graph exposes; ``B``
 follows DESIGN §2 with ``L`` = the sequence's logical real-token count. Scores are the policy's
 reference score functions on a problem folded per KV head (kept slots differ per head, so their
 modality and padding do too): batch ``b * hkv``, one KV head, the key axis in logical order, causal
@@ -40,12 +40,12 @@ def reselect(
     group = hq // hkv
     if slots.physical != length:
         raise ValueError(f"csp: slot map covers {slots.physical} slots, the cache layer holds {length}")
-    if not bool(slots.valid[:, length - w:].all()):
-        raise ValueError("csp: padding inside the new turn's observation window: pad a new turn on the left of the turn")
     available = slots.valid.sum(-1).cpu()
     budgets = torch.tensor([resolve_budget(int(n), config)[0] for n in real_counts.cpu()], dtype=torch.int64)
     kept = available if get_policy(config.policy).score is None else torch.minimum(budgets, available)
-    window = torch.clamp(kept, max=min(config.window, w))
+    # the window: the last real tokens with a query (a chunk of a left-padded prompt may end in padding-only rows)
+    tail = slots.valid[:, length - w:].flip(-1).to(torch.int64).cumprod(-1).sum(-1).cpu()
+    window = torch.minimum(torch.clamp(kept, max=config.window), tail)
 
     query = keys.new_zeros(b, hkv, group, length, dim, dtype=window_query.dtype)
     query[..., length - w:, :] = window_query.reshape(b, hkv, group, w, dim)

@@ -22,7 +22,8 @@ def _cache(kwargs):
 
 def evicting_generate(model, inputs: dict, config: CSPConfig, max_new_tokens: int, *, with_slots: bool = False):
     """(generate output with logits, kept positions per layer (b, hkv, P) or None); with ``with_slots``
-    also the (b, P) slot validity after the prefill (None when nothing was evicted)."""
+    also the (b, P) slot validity after the prefill and per layer the prefill's last ``window``
+    query rows (b, hq, window, D)."""
     language_model = model.get_decoder()
     attention_modules = {m for m in language_model.modules() if hasattr(m, "layer_idx") and hasattr(m, "q_proj")}
     mapping = ALL_ATTENTION_FUNCTIONS._global_mapping
@@ -108,5 +109,6 @@ def evicting_generate(model, inputs: dict, config: CSPConfig, max_new_tokens: in
         for handle in handles:
             handle.remove()
     if with_slots:
-        return out, state["kept"], state["slot_valid"]
+        windows = {i: record[0][:, :, -config.window:] for i, record in records.items()}
+        return out, state["kept"], state["slot_valid"], windows
     return out, state["kept"]

@@ -3,11 +3,13 @@ pruned cache by hand (``conversation_oracle``), in both ``on_new_turn`` modes.""
 
 import pytest
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 import csp_compile
-from csp_compile import CSPConfig
+from csp_compile import CSPConfig, resolve_budget
 from csp_compile.testing import FAMILIES, build_tiny_vlm, make_inputs
-from conversation_oracle import second_turn
+from csp_compile.testing.tiny_vlms import EOS
+from conversation_oracle import chunked_generate, second_turn
 from eager_oracle import evicting_generate
 
 NEW_TOKENS = 4
@@ -18,6 +20,12 @@ def generate(model, inputs, max_new_tokens=NEW_TOKENS, **kwargs):
     with torch.no_grad():
         return model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, output_logits=True,
                               return_dict_in_generate=True, **kwargs)
+
+
+def until_eos(tokens: torch.Tensor) -> torch.Tensor:
+    """(b, n) True up to and including each row's first EOS."""
+    eos = (tokens == EOS).long()
+    return (eos.cumsum(-1) - eos) == 0
 
 
 def text_turn(model, first: dict, sequences: torch.Tensor, length: int = 6, seed: int = 7) -> dict:
@@ -38,21 +46,55 @@ def text_turn(model, first: dict, sequences: torch.Tensor, length: int = 6, seed
     return turn
 
 
+class FailOnRecompileAfterSecondDecode(LogitsProcessor):
+    """From the third forward on (prefill, two decode steps: every graph exists), a recompile raises."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, input_ids, scores):
+        self.calls += 1
+        if self.calls == 3:
+            torch.compiler.set_stance("fail_on_recompile")
+        return scores
+
+
+def image_turn(model, first: dict, sequences: torch.Tensor, seed: int = 3) -> dict:
+    """The conversation after turn 1 plus a new user turn holding a new image (its pixels only)."""
+    batch = sequences.shape[0]
+    new = make_inputs(model, batch=batch, text_len=6, seed=seed)
+    ids = torch.cat([sequences, new["input_ids"]], dim=-1)
+    grown = ids.shape[1] - first["input_ids"].shape[1]
+    turn = {"input_ids": ids,
+            "attention_mask": torch.cat([first["attention_mask"], torch.ones(batch, grown, dtype=torch.long)], dim=-1)}
+    generated = sequences.shape[1] - first["input_ids"].shape[1]
+    for key in TYPE_IDS:
+        if key in first:
+            turn[key] = torch.cat([first[key], torch.zeros(batch, generated, dtype=first[key].dtype), new[key]], dim=-1)
+    turn.update({k: v for k, v in new.items() if k not in ("input_ids", "attention_mask", *TYPE_IDS)})
+    return turn
+
+
 @pytest.fixture(autouse=True)
 def default_stance():
     yield
     torch.compiler.set_stance("default")
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("mode", ["evict", "append"])
-def test_second_text_turn_matches_eager_oracle(family, mode):
+TURNS = [(family, "evict", "text") for family in FAMILIES] + [
+    ("llava", "append", "text"), ("qwen2_vl", "append", "text"), ("gemma3", "append", "text"),
+    ("llava", "evict", "image"), ("llava_next", "append", "image"), ("idefics3", "evict", "image"),
+]
+
+
+@pytest.mark.parametrize("family, mode, content", TURNS)
+def test_second_turn_matches_eager_oracle(family, mode, content):
     model = build_tiny_vlm(family)
     first = make_inputs(model, batch=2, text_len=40, pad_left=[0, 5])
     config = CSPConfig(budget=0.2, window=4, on_new_turn=mode)
-    reference, kept, slot_valid = evicting_generate(model, first, config, NEW_TOKENS, with_slots=True)
+    reference, kept, slot_valid, _ = evicting_generate(model, first, config, NEW_TOKENS, with_slots=True)
     logical = first["input_ids"].shape[1] + NEW_TOKENS - 1
-    turn2 = text_turn(model, first, reference.sequences)
+    turn2 = (text_turn if content == "text" else image_turn)(model, first, reference.sequences)
     expected_tokens, expected_logits = second_turn(
         model, reference.past_key_values, slot_valid, kept, first_modality=None, turn2=turn2, logical=logical,
         config=config, max_new_tokens=NEW_TOKENS,
@@ -65,7 +107,71 @@ def test_second_text_turn_matches_eager_oracle(family, mode):
     assert cache.get_seq_length() == logical
     again = generate(model, turn2, cache=cache)
     tokens = again.sequences[:, turn2["input_ids"].shape[1]:]
-    assert torch.equal(tokens, expected_tokens)
-    difference = (torch.stack(again.logits) - torch.stack(expected_logits)).abs().max().item()
+    live = until_eos(tokens)  # generate pads a row after its EOS; the oracle runs on
+    assert torch.equal(tokens[live], expected_tokens[live])
+    difference = (torch.stack(again.logits, 1) - torch.stack(expected_logits, 1))[live].abs().max().item()
     assert difference < 1e-4, difference
     assert cache.get_seq_length() == turn2["input_ids"].shape[1] + NEW_TOKENS - 1
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "qwen3_vl", "gemma3", "paligemma", "smolvlm"])
+def test_decode_time_eviction_matches_eager_oracle_without_recompiles(family):
+    model = build_tiny_vlm(family)
+    first = make_inputs(model, batch=2, text_len=40, pad_left=[0, 5])
+    config = CSPConfig(budget=0.3, window=4, decode_budget=14, decode_every=3)
+    steps = 11
+    reference, kept, slot_valid, windows = evicting_generate(model, first, config, 1, with_slots=True)
+    conversation = text_turn(model, first, reference.sequences, length=0)
+    expected_tokens, expected_logits = second_turn(
+        model, reference.past_key_values, slot_valid, kept, first_modality=None, turn2=conversation,
+        logical=first["input_ids"].shape[1], config=config, max_new_tokens=steps - 1, initial_queries=windows,
+    )
+
+    csp_compile.optimize(model, config)
+    out = generate(model, first, max_new_tokens=steps,
+                   logits_processor=LogitsProcessorList([FailOnRecompileAfterSecondDecode()]))
+    torch.compiler.set_stance("default")
+    tokens = out.sequences[:, first["input_ids"].shape[1]:]
+    assert torch.equal(tokens[:, 0], reference.sequences[:, -1])
+    assert torch.equal(tokens[:, 1:], expected_tokens)
+    difference = (torch.stack(out.logits[1:]) - torch.stack(expected_logits)).abs().max().item()
+    assert difference < 1e-4, difference
+    cache = out.past_key_values
+    full = [i for i, k in enumerate(csp_compile.kept_positions(model)) if k is not None]
+    # 10 decode forwards: compressed to 14 after the 9th, then one more token appended
+    assert {cache.layers[i].keys.shape[-2] for i in full} == {15}
+    assert cache.get_seq_length() == first["input_ids"].shape[1] + steps - 1
+
+
+# every family whose language model builds its own masks, each chunk size on some of them
+CHUNKED = [("llava", 3), ("llava", 13), ("qwen2_vl", 3), ("idefics3", 3), ("llava_next", 13), ("qwen2_5_vl", 13),
+           ("smolvlm", 13), ("llava_onevision", 3)]
+
+
+@pytest.mark.parametrize("family, chunk", CHUNKED)  # 3: smaller than the window; neither divides the prompt
+def test_chunked_prefill_matches_eager_oracle(family, chunk):
+    model = build_tiny_vlm(family)
+    first = make_inputs(model, batch=2, text_len=40, pad_left=[0, 5])
+    config = CSPConfig(budget=0.3, window=4 if chunk == 3 else 6, prefill_chunk=chunk)
+    assert first["input_ids"].shape[1] % chunk
+    reference = chunked_generate(model, first, config, NEW_TOKENS)
+
+    csp_compile.optimize(model, config)
+    out = generate(model, first)
+    assert torch.equal(out.sequences, reference.sequences)
+    difference = (torch.stack(out.logits) - torch.stack(reference.logits)).abs().max().item()
+    assert difference < 1e-4, difference
+    cache = out.past_key_values
+    kept = csp_compile.kept_positions(model)
+    length = first["input_ids"].shape[1]
+    assert cache.get_seq_length() == length + NEW_TOKENS - 1
+    assert {cache.layers[i].keys.shape[-2] for i, k in enumerate(kept) if k is not None} == {
+        resolve_budget(length, config)[0] + NEW_TOKENS - 1}
+
+
+@pytest.mark.parametrize("family", ["gemma3", "paligemma", "qwen3_vl"])
+def test_chunked_prefill_refuses_prebuilt_masks_and_unsplittable_inputs(family):
+    model = build_tiny_vlm(family)
+    csp_compile.optimize(model, budget=0.3, window=4, prefill_chunk=8)
+    with pytest.raises(NotImplementedError, match="prefill_chunk"):
+        generate(model, make_inputs(model, text_len=30))

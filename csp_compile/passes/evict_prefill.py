@@ -52,8 +52,9 @@ class PrefillPlan:
 
 @dataclass(frozen=True)
 class PrefillRewrite:
-    """A rewritten graph's calling convention: ``num_outputs`` original outputs come first, then
-    (kept_indices, slot_valid) per site in ``layer_indices`` order."""
+    """A rewritten graph's calling convention: ``num_outputs`` original outputs come first, then per
+    site in ``layer_indices`` order (kept_indices, slot_valid, last ``window`` query rows) for a
+    prefill, (last ``window`` query rows) for a graph over a non-empty cache."""
 
     num_outputs: int
     layer_indices: tuple[int | None, ...]
@@ -174,7 +175,7 @@ def rewrite_prefill(gm: fx.GraphModule, plan: PrefillPlan, config: CSPConfig, *,
             item.meta["example_value"] = example
         m.output.replace_all_uses_with(items[0])
         replaced[site.key_cat], replaced[site.value_cat] = items[2], items[3]
-        extra_outputs += [items[1], items[4]]
+        extra_outputs += [items[1], items[4], _window_rows(graph, m.query, config.window, op)]
 
     output_node = next(n for n in graph.nodes if n.op == "output")
     outputs = list(output_node.args[0])
@@ -196,20 +197,22 @@ def expose_window_queries(gm: fx.GraphModule, sites: tuple[Site, ...], window: i
     graph = gm.graph
     output_node = next(n for n in graph.nodes if n.op == "output")
     outputs = tuple(output_node.args[0])
-    extra = []
-    for site in sites:
-        query = site.match.query
-        with graph.inserting_before(output_node):
-            rows = graph.call_function(operator.getitem, (query, (slice(None), slice(None), slice(-window, None))))
-        fake = _fake(query)
-        if fake is not None:
-            with fake.fake_mode:
-                rows.meta["example_value"] = fake[:, :, -window:]
-        extra.append(rows)
+    extra = [_window_rows(graph, site.match.query, window, output_node) for site in sites]
     output_node.args = (outputs + tuple(extra),)
     graph.lint()
     gm.recompile()
     return PrefillRewrite(len(outputs), tuple(s.match.layer_index for s in sites))
+
+
+def _window_rows(graph: fx.Graph, query: fx.Node, window: int, before: fx.Node) -> fx.Node:
+    """A node of ``query[:, :, -window:]`` (the last ``window`` post-RoPE query rows), before ``before``."""
+    with graph.inserting_before(before):
+        rows = graph.call_function(operator.getitem, (query, (slice(None), slice(None), slice(-window, None))))
+    fake = _fake(query)
+    if fake is not None:
+        with fake.fake_mode:
+            rows.meta["example_value"] = fake[:, :, -window:]
+    return rows
 
 
 def copy_dynamo_graph(gm: fx.GraphModule) -> fx.GraphModule:
