@@ -27,7 +27,8 @@ def quick_run(tmp_path_factory):
     # A separate process: the bench sets torch's thread count and compiles two models.
     proc = subprocess.run(
         [sys.executable, "-m", "csp_compile", "bench", "--quick", "--threads", "1", "--device", "cpu", "--layers", "1",
-         "--prompt", "192", "--long-prompt", "256", "--repeats", "2", "--new-tokens", "4", "--json", str(out)],
+         "--prompt", "192", "--long-prompt", "256", "--chunk-prompt", "512", "--prefill-chunk", "64", "--repeats", "2",
+         "--new-tokens", "4", "--json", str(out)],
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -54,6 +55,10 @@ def test_quick_bench_measures_the_eviction(quick_run):
     assert result["targets"]["kv_bytes_ratio_b20"] == "pass"
     assert result["decode_recompiles"] == 0
     assert result["decode_bound_b20"] > 1.0
+    # chunked prefill keeps the same cache and peaks lower than one-shot
+    assert result["chunk_prompt_tokens"] == 512 and result["prefill_chunk"] == 64
+    assert abs(result["chunked_kv_bytes_ratio"] - 1) <= 0.01
+    assert result["chunked_prefill_peak_mem_ratio"] < 1
     # every scorer computed the same scores as the reference
     assert result["naive_scoring_max_abs_diff"] < 1e-4 and result["fused_scoring_max_abs_diff"] < 1e-4
 
@@ -73,6 +78,8 @@ def test_quick_bench_prints_the_table(quick_run):
     (["--threads", "0"], "--threads"),
     (["--prompt", "16"], "prompt"),
     (["--dtype", "float8"], "--dtype"),
+    (["--prefill-chunk", "0"], "--prefill-chunk"),
+    (["--chunk-prompt", "4096", "--prefill-chunk", "4096"], "prefill-chunk"),
 ])
 def test_bad_arguments_are_one_line_errors(argv, words, capsys):
     code = cli.main(["bench", "--quick", "--device", "cpu", *argv] if "--device" not in argv else ["bench", *argv])

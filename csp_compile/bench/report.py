@@ -32,6 +32,11 @@ FIGURES: dict[str, str] = {
     "decode_recompiles":
         "new Dynamo graphs compiled during CSP decoding after the first decode step (counters['stats']"
         "['unique_graphs'])",
+    "chunked_prefill_peak_mem_ratio":
+        "peak memory of one {chunk_prompt}-token prefill, CSP (budget {budget}) with prefill_chunk={prefill_chunk} / "
+        "CSP one-shot, same final cache size; {memory_method}",
+    "chunked_kv_bytes_ratio":
+        "KV bytes in the cache after that {chunk_prompt}-token prefill, chunked / one-shot (the same B is kept)",
 }
 
 Check = Callable[[dict[str, Any]], bool]
@@ -56,6 +61,10 @@ TARGETS: dict[str, tuple[str, Check]] = {
     "kv_bytes_ratio_b20": ("budget +- 0.01", lambda r: _finite(r["kv_bytes_ratio_b20"])
                            and abs(r["kv_bytes_ratio_b20"] - r["budget"]) <= 0.01),
     "decode_recompiles": ("== 0", lambda r: r["decode_recompiles"] == 0),
+    "chunked_prefill_peak_mem_ratio": ("<= 0.5", lambda r: _finite(r["chunked_prefill_peak_mem_ratio"])
+                                       and r["chunked_prefill_peak_mem_ratio"] <= 0.5),
+    "chunked_kv_bytes_ratio": ("1 +- 0.01", lambda r: _finite(r["chunked_kv_bytes_ratio"])
+                               and abs(r["chunked_kv_bytes_ratio"] - 1) <= 0.01),
 }
 
 

@@ -28,6 +28,8 @@ class BenchSettings:
     shape: bench_model.ModelShape = bench_model.BENCH_SHAPE
     prompt: int = 4096  # prefill overhead and scoring
     long_prompt: int = 8192  # decode, memory, KV bytes
+    chunk_prompt: int = 32768  # chunked prefill memory
+    prefill_chunk: int = 2048
     image_share: float = 0.3
     budget: float = 0.2
     window: int = 32
@@ -48,7 +50,9 @@ class BenchSettings:
             raise ValueError(f"window={self.window!r}: allowed an int >= 1")
         if not 0.0 < self.image_share < 1.0:
             raise ValueError(f"image share={self.image_share!r}: allowed a fraction in (0, 1)")
-        for name in ("prompt", "long_prompt"):
+        if not 1 <= self.prefill_chunk < self.chunk_prompt:
+            raise ValueError(f"prefill-chunk={self.prefill_chunk}: allowed 1 .. chunk-prompt - 1 = {self.chunk_prompt - 1}")
+        for name in ("prompt", "long_prompt", "chunk_prompt"):
             if getattr(self, name) < 4 * self.window:
                 raise ValueError(f"{name.replace('_', '-')}={getattr(self, name)}: allowed >= {4 * self.window} "
                                  f"tokens (4 x window)")
@@ -137,6 +141,26 @@ def _steps(s: BenchSettings, r: dict[str, Any], state: dict[str, Any]) -> Iterat
             peaks[name] = (peak, prefill.cache_bytes(output.past_key_values))
         yield f"peak memory, {name} prefill of {s.long_prompt} tokens", measure
 
+    def build_chunked() -> None:
+        state.pop("plain", None)  # only the two CSP models are needed from here on
+        state["chunked"] = bench_model.build_bench_model(s.shape, device=s.device, dtype=s.dtype)
+        csp_compile.optimize(state["chunked"], config.replace(prefill_chunk=s.prefill_chunk))
+        state["longest"] = bench_model.bench_inputs(state["csp"], s.chunk_prompt, image_share=s.image_share,
+                                                    device=s.device)
+    yield f"build the chunked-prefill model (chunk {s.prefill_chunk}), {s.chunk_prompt}-token prompt", build_chunked
+
+    chunked_peaks: dict[str, tuple[int, int, float]] = state.setdefault("chunked_peaks", {})
+    for name in ("csp", "chunked"):
+        def measure_chunked(name: str = name) -> None:
+            prefill.prefill(state[name], state["longest"])  # compiles
+            start = time.perf_counter()
+            prefill.prefill(state[name], state["longest"])
+            seconds = time.perf_counter() - start
+            peak, output = memory.peak_prefill_bytes(state[name], state["longest"])
+            chunked_peaks[name] = (peak, prefill.cache_bytes(output.past_key_values), seconds)
+        label = "one-shot" if name == "csp" else f"chunk {s.prefill_chunk}"
+        yield f"peak memory, CSP {label} prefill of {s.chunk_prompt} tokens", measure_chunked
+
 
 def run_bench(settings: BenchSettings, progress: Callable[[str], Any] | None = None,
               steps_total: Callable[[int], Any] | None = None) -> dict[str, Any]:
@@ -156,8 +180,8 @@ def run_bench(settings: BenchSettings, progress: Callable[[str], Any] | None = N
             progress(description)
         run()
 
-    plain_model, csp_model = state["plain"], state["csp"]
-    peaks = state["peaks"]
+    plain_model, csp_model = state["chunked"], state["csp"]  # same shape and weights as the plain model
+    peaks, chunked_peaks = state["peaks"], state["chunked_peaks"]
     kv_full, kv_csp = peaks["plain"][1], peaks["csp"][1]
     weights = bench_model.decode_weight_bytes(plain_model)
     text = plain_model.config.get_text_config()
@@ -169,6 +193,11 @@ def run_bench(settings: BenchSettings, progress: Callable[[str], Any] | None = N
         kv_bytes_ratio_b20=kv_csp / kv_full, kv_bytes_full=kv_full, kv_bytes_csp=kv_csp,
         decode_weight_bytes=weights,
         decode_bound_b20=(weights + kv_full) / (weights + kv_csp),
+        chunked_prefill_peak_mem_ratio=chunked_peaks["chunked"][0] / chunked_peaks["csp"][0],
+        peak_prefill_bytes_oneshot_long=chunked_peaks["csp"][0], peak_prefill_bytes_chunked=chunked_peaks["chunked"][0],
+        chunked_kv_bytes_ratio=chunked_peaks["chunked"][1] / chunked_peaks["csp"][1],
+        prefill_s_oneshot_long=chunked_peaks["csp"][2], prefill_s_chunked=chunked_peaks["chunked"][2],
+        chunk_prompt_tokens=int(state["longest"]["input_ids"].shape[1]), prefill_chunk=s.prefill_chunk,
     )
     device = torch.device(s.device)
     r.update(
@@ -194,7 +223,8 @@ def run_bench(settings: BenchSettings, progress: Callable[[str], Any] | None = N
     )
     context = dict(budget=s.budget, prompt=r["prompt_tokens"], long_prompt=r["long_prompt_tokens"],
                    repeats=s.prefill_repeats, fused_impl=r["fused_scoring_impl"], memory_method=r["memory_method"],
-                   decode_steps=r["decode_steps_timed"] * s.decode_rounds, skipped=decode.SKIPPED_STEPS)
+                   decode_steps=r["decode_steps_timed"] * s.decode_rounds, skipped=decode.SKIPPED_STEPS,
+                   chunk_prompt=r["chunk_prompt_tokens"], prefill_chunk=s.prefill_chunk)
     r["what"] = report.what(context)
     r["targets"] = report.check_targets(r)
     return r

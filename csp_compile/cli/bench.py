@@ -20,7 +20,8 @@ HELP = "benchmark CSP: prefill overhead, scoring speed, peak memory, decode spee
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # --quick: smaller model, shorter prompts, fewer repeats (a few minutes on 2 cores at most)
-_QUICK = dict(prompt=512, long_prompt=1024, prefill_repeats=3, scoring_repeats=5, new_tokens=6, decode_rounds=1)
+_QUICK = dict(prompt=512, long_prompt=1024, chunk_prompt=2048, prefill_chunk=256, prefill_repeats=3, scoring_repeats=5,
+              new_tokens=6, decode_rounds=1)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,6 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prompt length for prefill and scoring (default 4096; --quick 512)")
     parser.add_argument("--long-prompt", type=int, metavar="TOKENS",
                         help="prompt length for decode, memory and KV bytes (default 8192; --quick 1024)")
+    parser.add_argument("--chunk-prompt", type=int, metavar="TOKENS",
+                        help="prompt length for the chunked-prefill memory figure (default 32768; --quick 2048)")
+    parser.add_argument("--prefill-chunk", type=int, metavar="TOKENS",
+                        help="chunk size of the chunked prefill (default 2048; --quick 256)")
     parser.add_argument("--layers", type=int, metavar="N", help="language-model layers (default 4; --quick 2)")
     parser.add_argument("--repeats", type=int, metavar="N", help="timed prefills per variant (default 5; --quick 3)")
     parser.add_argument("--new-tokens", type=int, metavar="N",
@@ -59,7 +64,7 @@ def _settings(args: argparse.Namespace):
         raise CLIError(f"--budget {args.budget}: allowed a fraction in (0, 1)")
     if args.dtype not in _DTYPES:
         raise CLIError(f"--dtype {args.dtype!r}: allowed {', '.join(_DTYPES)}")
-    for flag in ("threads", "prompt", "long_prompt", "layers", "repeats", "new_tokens"):
+    for flag in ("threads", "prompt", "long_prompt", "chunk_prompt", "prefill_chunk", "layers", "repeats", "new_tokens"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise CLIError(f"--{flag.replace('_', '-')} {value}: allowed a positive integer")
@@ -71,7 +76,7 @@ def _settings(args: argparse.Namespace):
     if args.layers is not None:
         shape = shape.replace(num_hidden_layers=args.layers)
     overrides = {"prompt": args.prompt, "long_prompt": args.long_prompt, "prefill_repeats": args.repeats,
-                 "new_tokens": args.new_tokens}
+                 "new_tokens": args.new_tokens, "chunk_prompt": args.chunk_prompt, "prefill_chunk": args.prefill_chunk}
     base.update({k: v for k, v in overrides.items() if v is not None})
     if args.quick and args.prompt is not None and args.long_prompt is None:
         base["long_prompt"] = max(base["long_prompt"], args.prompt)
