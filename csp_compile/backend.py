@@ -41,7 +41,7 @@ class CSPState(EvictionState):
     hooked: bool = False  # a pre-hook sets modality / attention_mask_2d before each prefill
     modality: torch.Tensor | None = None  # (b, L)
     attention_mask_2d: torch.Tensor | None = None  # (b, L) int64, 1 = real token
-    physical_mask_2d: torch.Tensor | None = None  # at decode, for models that build per-layer-type masks
+    slot_valid_for_masks: torch.Tensor | None = None  # (b, P) for the language model pre-hook to put in the masks
     plans: list[PrefillPlan] = field(default_factory=list)  # one per compiled prefill graph
     compiled_graphs: dict[str, int] = field(default_factory=lambda: {"prefill": 0, "continued": 0, "other": 0})
     window_queries: dict[int, torch.Tensor] = field(default_factory=dict)  # last forward's, per continued layer
@@ -50,7 +50,7 @@ class CSPState(EvictionState):
 
     def reset(self) -> None:
         super().reset()
-        self.physical_mask_2d = None
+        self.slot_valid_for_masks = None
         self.window_queries.clear()
 
     def release(self) -> None:

@@ -78,8 +78,9 @@ def model_pre_hook(model: nn.Module, language_model: nn.Module, state: CSPState)
         adopt_logical_layers(cache)
         if cache.get_seq_length() == 0:
             _start_prefill(model, language_model, state, cache, args, kwargs)
-            return args, kwargs
-        return args, _continue(model, language_model, state, cache, args, kwargs)
+        else:
+            _continue(model, state, cache, args, kwargs)
+        return args, kwargs
 
     return hook
 
@@ -107,7 +108,7 @@ def _start_prefill(model, language_model, state: CSPState, cache, args: tuple, k
     state.pending = _Pending("prefill", cache, length)
 
 
-def _continue(model, language_model, state: CSPState, cache, args: tuple, kwargs: dict) -> dict:
+def _continue(model, state: CSPState, cache, args: tuple, kwargs: dict) -> None:
     """Log a call on a non-empty cache; leave the slot validity for the language model's masks."""
     input_ids = kwargs.get("input_ids", args[0] if args else None)
     embeds = kwargs.get("inputs_embeds")
@@ -141,8 +142,7 @@ def _continue(model, language_model, state: CSPState, cache, args: tuple, kwargs
         slot_valid = None
     state.pending = _Pending("continued", cache, new_tokens)
     if slot_valid is not None and not (pruned[0].physical_length == logical and bool(slot_valid.all())):
-        state.physical_mask_2d = slot_valid  # the language model's pre-hook puts it in the masks' slot columns
-    return kwargs
+        state.slot_valid_for_masks = slot_valid  # the language model's pre-hook puts it in the masks' slot columns
 
 
 def _last(type_ids: torch.Tensor | None, count: int) -> torch.Tensor | None:
@@ -255,7 +255,7 @@ def language_model_pre_hook(language_model: nn.Module, state: CSPState):
                 layer.keys, layer.values = layer.keys.contiguous(), layer.values.contiguous()
                 torch._dynamo.maybe_mark_dynamic(layer.keys, 2)
                 torch._dynamo.maybe_mark_dynamic(layer.values, 2)
-        slot_valid, state.physical_mask_2d = state.physical_mask_2d, None
+        slot_valid, state.slot_valid_for_masks = state.slot_valid_for_masks, None
         if slot_valid is not None:
             if isinstance(masks, dict):
                 masks = {**masks}
@@ -380,7 +380,7 @@ def chunked_prefill(language_model: nn.Module, compiled_forward: Any, state: CSP
             else:
                 layers = [cache.layers[i] for i in sorted(state.layers)]
                 if layers:
-                    state.physical_mask_2d = slot_validity(layers[0], token_log(cache))
+                    state.slot_valid_for_masks = slot_validity(layers[0], token_log(cache))
                 outputs = language_model(**part)
                 _chunk_reselect(state, cache)
             state.window_queries.clear()

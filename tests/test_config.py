@@ -32,6 +32,16 @@ INVALID = [
     ("pool_kernel", 4),
     ("pool_kernel", 0),
     ("seed", -1),
+    ("on_new_turn", "forget"),
+    ("on_new_turn", None),
+    ("decode_budget", 0),
+    ("decode_budget", 1.5),
+    ("decode_budget", "64"),
+    ("decode_every", 0),
+    ("decode_every", 2.0),
+    ("prefill_chunk", 0),
+    ("prefill_chunk", 64.0),
+    ("prefill_chunk", True),
 ]
 
 
@@ -96,3 +106,17 @@ def test_fuzzed_budget_is_accepted_or_rejected_cleanly(value):
     else:
         with pytest.raises(ValueError, match="CSPConfig.budget"):
             CSPConfig(budget=value)
+
+
+@given(st.one_of(st.none(), st.floats(allow_nan=True), st.integers(-5, 10**6), st.text(max_size=3), st.booleans()),
+       st.one_of(st.integers(-5, 100), st.floats(), st.none()),
+       st.one_of(st.none(), st.integers(-5, 10**6), st.floats(), st.booleans()))
+def test_fuzzed_conversation_fields_are_accepted_or_rejected_cleanly(decode_budget, decode_every, prefill_chunk):
+    try:
+        config = CSPConfig(decode_budget=decode_budget, decode_every=decode_every, prefill_chunk=prefill_chunk)
+    except ValueError as error:
+        assert any(name in str(error) for name in ("decode_budget", "decode_every", "prefill_chunk"))
+        return
+    assert config.decode_every >= 1 and (config.prefill_chunk is None or config.prefill_chunk >= 1)
+    if config.decode_budget is not None:
+        assert config.decode_config.budget == config.decode_budget and config.decode_config.decode_budget is None
