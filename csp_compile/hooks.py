@@ -362,6 +362,9 @@ def chunked_prefill(language_model: nn.Module, compiled_forward: Any, state: CSP
         if (chunk is None or args or cache is None or embeds is None or embeds.shape[1] <= chunk
                 or cache.get_seq_length() > 0 or not state.hooked):
             return compiled_forward(*args, **kwargs)
+        if state.pending is None or state.pending.kind != "prefill":
+            raise RuntimeError("csp: a chunked prefill of the optimised language model needs the whole model's call "
+                               "(model(...) / model.generate(...)), not the language model alone")
         _check_chunkable(language_model, kwargs)
         length = embeds.shape[1]
         mask, positions = kwargs.get("attention_mask"), kwargs.get("position_ids")

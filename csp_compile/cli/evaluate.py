@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from csp_compile.cli.common import add_model_argument, load_model_or_fail, progress_bar, set_threads
-from csp_compile.evaluation import eval_set_for, evaluate, parse_budgets, parse_policies
+from csp_compile.evaluation import eval_set_for, evaluate, parse_budgets, parse_policies, parse_prefill_chunks
 from csp_compile.evaluation.report import format_table, plot_accuracy
 
 HELP = "evaluate eviction policies and budgets on a VLM (default: the shipped tiny VLM) through the compiled pass"
@@ -20,6 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policies", default=DEFAULT_POLICIES,
                         help=f"comma-separated policies; csp:<rule> sets the cross-ratio rule (default {DEFAULT_POLICIES})")
     parser.add_argument("--budgets", default=DEFAULT_BUDGETS, help=f"comma-separated fractions in (0, 1] (default {DEFAULT_BUDGETS})")
+    parser.add_argument("--prefill-chunk", default=None, metavar="C[,C2,...]",
+                        help="also evaluate every policy and budget with chunked prefill, C prompt tokens per chunk "
+                             "(comma-separated ints >= 1; default: one-shot prefill only)")
     parser.add_argument("--n", type=int, default=200, help="test prompts (default 200)")
     parser.add_argument("--window", type=int, default=None, help="observation window (default: CSPConfig's)")
     parser.add_argument("--seed", type=int, default=0, help="test-set seed (default 0)")
@@ -33,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from csp_compile.config import CSPConfig
 
     specs, budgets = parse_policies(args.policies), parse_budgets(args.budgets)
+    chunks = parse_prefill_chunks(args.prefill_chunk)
     if args.n < 1:
         raise ValueError(f"--n must be >= 1: got {args.n}")
     if args.batch_size < 1:
@@ -42,10 +46,10 @@ def run(args: argparse.Namespace) -> int:
     model, source = load_model_or_fail(args.model)
     evalset = eval_set_for(model, args.n, args.seed)
     print(f"model: {source}\ndata: {evalset.description}")
-    runs = 1 + len(budgets) * sum(spec.policy != "full" for spec in specs)
+    runs = 1 + len(budgets) * sum(spec.policy != "full" for spec in specs) * (1 + len(chunks))
     with progress_bar(runs, "eval") as bar:
         records = evaluate(model, evalset, specs, budgets, base, batch_size=args.batch_size,
-                           progress=lambda label: (bar.set_postfix_str(label), bar.update()))
+                           prefill_chunks=chunks, progress=lambda label: (bar.set_postfix_str(label), bar.update()))
     print(format_table(records))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from csp_compile.config import CROSS_RATIO_RULES, CSPConfig
 from csp_compile.policies import available_policies
 
-__all__ = ["PolicySpec", "parse_budgets", "parse_policies", "parse_policy"]
+__all__ = ["PolicySpec", "chunk_label", "parse_budgets", "parse_policies", "parse_policy", "parse_prefill_chunks"]
 
 
 @dataclass(frozen=True)
@@ -90,3 +90,31 @@ def parse_budgets(text: str) -> list[float]:
             raise ValueError(f"budget {part} is out of range: allowed fractions in (0, 1]")
         budgets.append(value)
     return budgets
+
+
+def parse_prefill_chunks(text: str | None) -> list[int]:
+    """``--prefill-chunk``: None -> [] (one-shot prefill only), else comma-separated chunk sizes,
+    each an int >= 1, without duplicates; ValueError names the bad one."""
+    if text is None:
+        return []
+    allowed = "allowed a comma-separated list of ints >= 1 (prompt tokens prefilled per chunk)"
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    if not parts:
+        raise ValueError(f"--prefill-chunk is empty: {allowed}")
+    chunks = []
+    for part in parts:
+        try:
+            value = int(part)
+        except ValueError:
+            raise ValueError(f"--prefill-chunk {part!r} is not an integer: {allowed}") from None
+        if value < 1:
+            raise ValueError(f"--prefill-chunk {part} is out of range: {allowed}")
+        if value in chunks:
+            raise ValueError(f"--prefill-chunk lists {value} more than once")
+        chunks.append(value)
+    return chunks
+
+
+def chunk_label(label: str, prefill_chunk: int | None) -> str:
+    """The policy label of a record: ``csp`` (one-shot prefill) or ``csp (chunk 32)``."""
+    return label if prefill_chunk is None else f"{label} (chunk {prefill_chunk})"

@@ -7,6 +7,7 @@ from pathlib import Path
 __all__ = ["format_table", "plot_accuracy"]
 
 COLUMNS = ("policy", "budget", "accuracy", "kl", "top1_agreement", "kept_fraction")
+CHUNK_STYLES = ("--", ":", "-.")  # chunked-prefill rows, one style per chunk size
 
 
 def _cell(value) -> str:
@@ -27,7 +28,8 @@ def format_table(records: list[dict]) -> str:
 
 def plot_accuracy(records: list[dict], path: str | Path, title: str = "") -> None:
     """PNG at ``path``: accuracy (or top-1 agreement when accuracy is unknown) against budget, one
-    line per policy, the full cache as a dashed line."""
+    line per policy, the full cache as a dashed black line; a chunked-prefill row (``prefill_chunk``
+    set) is drawn in its policy's colour with a dashed / dotted line and hollow markers."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -37,9 +39,17 @@ def plot_accuracy(records: list[dict], path: str | Path, title: str = "") -> Non
     full = [record for record in records if record["policy"] == "full"]
     policies = list(dict.fromkeys(record["policy"] for record in records if record["policy"] != "full"))
     figure, axes = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    chunks = list(dict.fromkeys(r["prefill_chunk"] for r in records if r.get("prefill_chunk") is not None))
+    colours: dict[str, str] = {}
     for policy in policies:
-        points = sorted((r["budget"], r[metric]) for r in records if r["policy"] == policy)
-        axes.plot([b for b, _ in points], [v for _, v in points], marker="o", label=policy)
+        rows = [r for r in records if r["policy"] == policy]
+        chunk = rows[0].get("prefill_chunk")
+        base = policy.split(" (chunk ")[0] if chunk is not None else policy
+        colour = colours.setdefault(base, f"C{len(colours) % 10}")
+        style = {} if chunk is None else {"linestyle": CHUNK_STYLES[chunks.index(chunk) % len(CHUNK_STYLES)],
+                                          "markerfacecolor": "none"}
+        points = sorted((r["budget"], r[metric]) for r in rows)
+        axes.plot([b for b, _ in points], [v for _, v in points], marker="o", color=colour, label=policy, **style)
     if full:
         axes.axhline(full[0][metric], linestyle="--", color="black", linewidth=1, label="full cache")
     axes.set_xlabel("budget (fraction of the prompt kept in the KV cache)")

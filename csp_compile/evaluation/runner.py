@@ -3,13 +3,14 @@
 Each answer has two tokens. The first comes from the prefill, which attends to the whole prompt
 whatever the policy, so its distribution equals the full cache's by construction; the second is
 decoded from the pruned cache. ``kl`` and ``top1_agreement`` are therefore measured at the first
-decode step (answer token 2), where eviction shows.
+decode step (answer token 2), where eviction shows. With chunked prefill (``prefill_chunk``) the
+last chunk already attends to a pruned cache, so answer token 1 (and accuracy) can change too.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import torch
 from transformers import PreTrainedModel
@@ -18,7 +19,7 @@ from transformers.cache_utils import DynamicCache
 import csp_compile
 from csp_compile.config import CSPConfig
 from csp_compile.evaluation.eval_set import ANSWER_TOKENS, EvalSet
-from csp_compile.evaluation.policy_spec import PolicySpec
+from csp_compile.evaluation.policy_spec import PolicySpec, chunk_label
 
 __all__ = ["Outcome", "evaluate", "run_config", "run_full", "score"]
 
@@ -116,25 +117,33 @@ def evaluate(
     base: CSPConfig | None = None,
     *,
     batch_size: int = 256,
+    prefill_chunks: Sequence[int] = (),
     progress: Callable[[str], None] | None = None,
 ) -> list[dict]:
-    """The full-cache record, then one record per (policy, budget), budgets outer.
+    """The full-cache record, then one record per (policy, budget), budgets outer, each followed
+    by one record per chunk size of ``prefill_chunks`` (chunked prefill, in the order given).
 
-    Each record: policy, budget, accuracy, kl, top1_agreement, kept_fraction, kv_bytes_ratio, n.
-    ``progress`` is called with a label after each run.
+    Each record: policy, budget, prefill_chunk, accuracy, kl, top1_agreement, kept_fraction,
+    kv_bytes_ratio, n. ``prefill_chunk`` is None for one-shot prefill (and the full cache); a
+    chunked record's policy is labelled ``csp (chunk 32)``. ``progress`` is called with a label
+    after each run.
     """
     base = base or CSPConfig()
     full = run_full(model, evalset, batch_size)
-    records = [{"policy": "full", "budget": 1.0, **score(full, full, evalset.answers), "n": len(evalset)}]
+    records = [{"policy": "full", "budget": 1.0, "prefill_chunk": None, **score(full, full, evalset.answers),
+                "n": len(evalset)}]
     if progress:
         progress("full cache")
     for budget in budgets:
         for spec in specs:
             if spec.policy == "full":
                 continue  # the full-cache record above
-            outcome = run_config(model, evalset, spec.config(budget, base), batch_size)
-            records.append({"policy": spec.label, "budget": budget, **score(outcome, full, evalset.answers),
-                            "n": len(evalset)})
-            if progress:
-                progress(f"{spec.label} @ {budget}")
+            for chunk in (None, *prefill_chunks):
+                config = spec.config(budget, base).replace(prefill_chunk=chunk)
+                outcome = run_config(model, evalset, config, batch_size)
+                label = chunk_label(spec.label, chunk)
+                records.append({"policy": label, "budget": budget, "prefill_chunk": chunk,
+                                **score(outcome, full, evalset.answers), "n": len(evalset)})
+                if progress:
+                    progress(f"{label} @ {budget}")
     return records
