@@ -95,8 +95,10 @@ def is_optimized(model: nn.Module) -> bool:
 
 
 def kept_positions(model: nn.Module) -> list[torch.Tensor | None]:
-    """After a prefill: per language-model layer the kept prompt positions, (b, kv_heads, kept)
-    padded with -1, or None for a layer not evicted (or before any prefill)."""
+    """Per language-model layer the logical positions its slots held after the last selection (a
+    prefill, a chunk, an evicting new turn or a decode-time compression), (b, kv_heads, kept) with
+    -1 at empty slots, or None for a layer not evicted (or before any prefill). Tokens appended
+    since (decoded, or a turn with ``on_new_turn="append"``) follow these slots in the cache."""
     installed = _installed(model)
     num_layers = installed.language_model.config.num_hidden_layers
     return [installed.state.layers[i].kept if i in installed.state.layers else None for i in range(num_layers)]

@@ -1,6 +1,7 @@
 """What users do around optimize: copies, saves, attention switches, gradients, restore cycles.
 Every path that would skip eviction raises one clear line instead."""
 
+import contextlib
 import copy
 import gc
 import io
@@ -107,3 +108,17 @@ def test_direct_forward_calls_keep_the_logical_length(optimized):
         mask = torch.cat([inputs["attention_mask"], torch.ones_like(token)], dim=-1)
         optimized(input_ids=token, attention_mask=mask, cache=cache)
     assert cache.get_seq_length() == length + 1
+
+
+def test_second_turn_through_the_deprecated_past_key_values_keyword(optimized):
+    first = make_inputs(optimized, text_len=30)
+    runs = []
+    for keyword in ("cache", "past_key_values"):
+        out = generate(optimized, first)
+        ids = torch.cat([out.sequences, torch.full((1, 5), 9)], dim=-1)
+        turn = {"input_ids": ids, "attention_mask": torch.ones_like(ids), keyword: out.past_key_values}
+        with pytest.warns(FutureWarning) if keyword == "past_key_values" else contextlib.nullcontext():
+            again = generate(optimized, turn)
+        runs.append(again.sequences)
+        assert out.past_key_values.get_seq_length() == ids.shape[1] + 2
+    assert torch.equal(runs[0], runs[1])
