@@ -122,3 +122,13 @@ def test_second_turn_through_the_deprecated_past_key_values_keyword(optimized):
         runs.append(again.sequences)
         assert out.past_key_values.get_seq_length() == ids.shape[1] + 2
     assert torch.equal(runs[0], runs[1])
+
+
+def test_the_cache_keeps_no_view_of_prompt_sized_tensors(optimized):
+    """Window queries, slot maps and K/V a pruned cache holds own their storage (no view of Q or the full K)."""
+    out = generate(optimized, make_inputs(optimized, batch=2, text_len=120, pad_left=[0, 7]))
+    layers = [layer for layer in out.past_key_values.layers if getattr(layer, "slots", None) is not None]
+    assert layers
+    for layer in layers:
+        for tensor in (layer.recent_queries, layer.keys, layer.values, *vars(layer.slots).values()):
+            assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
