@@ -95,7 +95,7 @@ def second_turn(model, cache, slot_valid, slot_positions, first_modality, turn2:
         step_pos = step_pos[..., -1:] + 1
         step_extras = {k: torch.zeros_like(v[..., -1:]) for k, v in extras.items() if k in ("token_type_ids", "mm_token_type_ids")}
         mask = torch.cat([mask, torch.ones_like(token)], dim=-1)
-        modality_all = torch.cat([modality_all, torch.zeros_like(token)], dim=-1)
+        modality_all = torch.cat([modality_all, modality_ids(model, token)], dim=-1)  # ids decide, even a generated one
     return torch.cat(tokens, dim=-1), logits
 
 

@@ -81,8 +81,7 @@ def default_stance():
     torch.compiler.set_stance("default")
 
 
-TURNS = [(family, "evict", "text") for family in FAMILIES] + [
-    ("llava", "append", "text"), ("qwen2_vl", "append", "text"), ("gemma3", "append", "text"),
+TURNS = [(family, mode, "text") for family in FAMILIES for mode in ("evict", "append")] + [
     ("llava", "evict", "image"), ("llava_next", "append", "image"), ("idefics3", "evict", "image"),
 ]
 
@@ -114,7 +113,7 @@ def test_second_turn_matches_eager_oracle(family, mode, content):
     assert cache.get_seq_length() == turn2["input_ids"].shape[1] + NEW_TOKENS - 1
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "qwen3_vl", "gemma3", "paligemma", "smolvlm"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_decode_time_eviction_matches_eager_oracle_without_recompiles(family):
     model = build_tiny_vlm(family)
     first = make_inputs(model, batch=2, text_len=40, pad_left=[0, 5])
@@ -133,9 +132,10 @@ def test_decode_time_eviction_matches_eager_oracle_without_recompiles(family):
     torch.compiler.set_stance("default")
     tokens = out.sequences[:, first["input_ids"].shape[1]:]
     assert torch.equal(tokens[:, 0], reference.sequences[:, -1])
-    assert torch.equal(tokens[:, 1:], expected_tokens)
-    difference = (torch.stack(out.logits[1:]) - torch.stack(expected_logits)).abs().max().item()
-    assert difference < 1e-4, difference
+    live = until_eos(tokens)[:, 1:]  # generate pads a row after its EOS; the oracle runs on
+    assert torch.equal(tokens[:, 1:][live], expected_tokens[live])
+    difference = (torch.stack(out.logits[1:], 1) - torch.stack(expected_logits, 1))[live].abs().amax(-1)
+    assert difference.max().item() < 1e-4, difference
     cache = out.past_key_values
     full = [i for i, k in enumerate(csp_compile.kept_positions(model)) if k is not None]
     # 10 decode forwards: compressed to 14 after the 9th, then one more token appended
