@@ -1,13 +1,15 @@
 """Re-selection over a non-empty cache: [kept slots + new tokens] -> B of the logical total.
 
-When a new turn (``on_new_turn="evict"``) is prefilled into a pruned cache, each evicting layer
-holds ``P`` kept slots followed by the turn's ``q`` tokens. The observation window is the turn's
-last ``W = min(window, B, q)`` real tokens, whose post-RoPE queries the compiled graph exposes; ``B``
-follows DESIGN §2 with ``L`` = the sequence's logical real-token count. Scores are the policy's
-reference score functions on a problem folded per KV head (kept slots differ per head, so their
-modality and padding do too): batch ``b * hkv``, one KV head, the key axis in logical order, causal
-in that order (every kept slot precedes every new token). The result has the prefill's layout:
-left-aligned, empty slots first, the same count per sequence in every layer and KV head.
+Used after a new turn (``on_new_turn="evict"``), after each chunk of a chunked prefill and at a
+decode-time compression. Each evicting layer holds its kept slots followed by the tokens appended
+since. The observation window is the last ``W = min(window, B)`` real tokens whose post-RoPE
+queries the caller passes (a new turn's own last tokens; for chunks and decode compressions the
+last ``window`` tokens across calls, buffered on the cache); ``B`` follows DESIGN §2 with ``L`` =
+the sequence's logical real-token count. Scores are the policy's reference score functions on a
+problem folded per KV head (kept slots differ per head, so their modality and padding do too):
+batch ``b * hkv``, one KV head, the key axis in logical order, causal in that order (every kept slot
+precedes every later token). The result has the prefill's layout: left-aligned, empty slots first,
+the same count per sequence in every layer and KV head.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from csp_compile.cache import SlotMap
 from csp_compile.config import CSPConfig
 from csp_compile.policies import get_policy
 from csp_compile.scoring import AttentionInputs, resolve_budget
-from csp_compile.selection import gather_kept, left_aligned, select_from_scores
+from csp_compile.selection import Selection, gather_kept, left_aligned, select_from_scores
 
 
 def reselect(
@@ -63,7 +65,7 @@ def reselect(
         query_valid=valid & rows[None, :],
     )
     selection = select_from_scores(inputs, config, budgets=kept.repeat_interleave(hkv).to(keys.device))
-    per_sequence = type(selection)(
+    per_sequence = Selection(
         indices=selection.indices.reshape(b, hkv, -1),
         num_kept=kept.to(keys.device),
         num_secondary=selection.num_secondary.reshape(b, hkv),
