@@ -83,6 +83,7 @@ def default_stance():
 
 TURNS = [(family, mode, "text") for family in FAMILIES for mode in ("evict", "append")] + [
     ("llava", "evict", "image"), ("llava_next", "append", "image"), ("idefics3", "evict", "image"),
+    ("smolvlm", "append", "image"), ("llava_onevision", "evict", "image"),
 ]
 
 
