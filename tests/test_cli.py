@@ -12,16 +12,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from csp_compile.cli import main
-from csp_compile.data.model import SHIPPED_MODEL_DIR, build_model
+from csp_compile.data.model import SHIPPED_MODEL_DIR
 from csp_compile.evaluation import PolicySpec, parse_budgets, parse_policies, parse_policy
 from csp_compile.policies import available_policies
 
-
-@pytest.fixture(scope="module")
-def task_model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("task_model")
-    build_model(seed=1).save_pretrained(path)
-    return path
 
 
 def test_eval_writes_records_json_and_plot(task_model_dir, tmp_path, capsys):

@@ -6,17 +6,10 @@ import json
 import pytest
 
 from csp_compile.cli import main
-from csp_compile.data.model import build_model
 from csp_compile.evaluation import parse_prefill_chunks
 
 ONE_SHOT_KEYS = {"policy", "budget", "accuracy", "kl", "top1_agreement", "kept_fraction", "kv_bytes_ratio", "n"}
 
-
-@pytest.fixture(scope="module")
-def task_model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("task_model")
-    build_model(seed=1).save_pretrained(path)
-    return path
 
 
 def test_chunked_rows_follow_each_one_shot_row(task_model_dir, tmp_path, capsys):
