@@ -49,12 +49,6 @@ class EvictionState:
     def evicted(self) -> bool:
         return self.physical_length is not None and self.physical_length < (self.prompt_length or 0)
 
-    def slot_valid(self) -> torch.Tensor:
-        """(b, P): a slot is real if it is real in every evicted layer (all layers keep the same
-        count per sequence, so the layers agree)."""
-        masks = [layer.slot_valid for layer in self.layers.values()]
-        return torch.stack(masks).all(dim=0)
-
 
 class LogicalLayer(DynamicLayer):
     """A full-attention ``DynamicLayer`` whose physical slots may be fewer than the tokens it has seen.
@@ -81,6 +75,12 @@ class LogicalLayer(DynamicLayer):
 
     def get_seq_length(self) -> int:
         return self.cumulative_length
+
+    def remember_queries(self, rows: torch.Tensor, window: int, *, restart: bool = False) -> None:
+        """Keep the last ``window`` query rows (b, hq, r, D) of the tokens seen: ``rows`` appended to
+        those kept (or replacing them with ``restart``)."""
+        joined = rows if restart or self.recent_queries is None else torch.cat([self.recent_queries, rows], dim=2)
+        self.recent_queries = joined[:, :, -window:]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         physical = self.physical_length

@@ -194,13 +194,9 @@ def _after_continued(state: CSPState, pending: _Pending) -> None:
     config, cache = state.config, pending.cache
     log = token_log(cache)
     if config.decode_budget is not None:
+        restart = pending.new_tokens > 1 and config.on_new_turn == "evict"  # the turn's window only
         for index in state.layers:
-            layer = cache.layers[index]
-            rows = _window_rows(state, index)
-            before = getattr(layer, "recent_queries", None)
-            joined = rows if before is None or pending.new_tokens > 1 and config.on_new_turn == "evict" else (
-                torch.cat([before, rows], dim=2))
-            layer.recent_queries = joined[:, :, -config.window:]
+            cache.layers[index].remember_queries(_window_rows(state, index), config.window, restart=restart)
     if pending.new_tokens > 1:
         log.decoded = 0
         if config.on_new_turn == "evict":
@@ -398,10 +394,7 @@ def chunked_prefill(language_model: nn.Module, compiled_forward: Any, state: CSP
 
 def _chunk_reselect(state: CSPState, cache) -> None:
     for index in state.layers:
-        layer = cache.layers[index]
-        rows = _window_rows(state, index)
-        joined = rows if layer.recent_queries is None else torch.cat([layer.recent_queries, rows], dim=2)
-        layer.recent_queries = joined[:, :, -state.config.window:]
+        cache.layers[index].remember_queries(_window_rows(state, index), state.config.window)
     reselect_layers(state, cache, state.config, lambda index, layer: layer.recent_queries)
 
 

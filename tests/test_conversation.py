@@ -3,7 +3,7 @@ pruned cache by hand (``conversation_oracle``), in both ``on_new_turn`` modes.""
 
 import pytest
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessorList
 
 import csp_compile
 from csp_compile import CSPConfig, resolve_budget
@@ -11,6 +11,7 @@ from csp_compile.testing import FAMILIES, build_tiny_vlm, make_inputs
 from csp_compile.testing.tiny_vlms import EOS
 from conversation_oracle import chunked_generate, second_turn
 from eager_oracle import evicting_generate
+from recompile_guard import FailOnRecompileFrom
 
 NEW_TOKENS = 4
 TYPE_IDS = ("token_type_ids", "mm_token_type_ids")
@@ -44,19 +45,6 @@ def text_turn(model, first: dict, sequences: torch.Tensor, length: int = 6, seed
         if key in first:
             turn[key] = first[key]
     return turn
-
-
-class FailOnRecompileAfterSecondDecode(LogitsProcessor):
-    """From the third forward on (prefill, two decode steps: every graph exists), a recompile raises."""
-
-    def __init__(self):
-        self.calls = 0
-
-    def __call__(self, input_ids, scores):
-        self.calls += 1
-        if self.calls == 3:
-            torch.compiler.set_stance("fail_on_recompile")
-        return scores
 
 
 def image_turn(model, first: dict, sequences: torch.Tensor, seed: int = 3) -> dict:
@@ -129,7 +117,7 @@ def test_decode_time_eviction_matches_eager_oracle_without_recompiles(family):
 
     csp_compile.optimize(model, config)
     out = generate(model, first, max_new_tokens=steps,
-                   logits_processor=LogitsProcessorList([FailOnRecompileAfterSecondDecode()]))
+                   logits_processor=LogitsProcessorList([FailOnRecompileFrom(3)]))
     torch.compiler.set_stance("default")
     tokens = out.sequences[:, first["input_ids"].shape[1]:]
     assert torch.equal(tokens[:, 0], reference.sequences[:, -1])

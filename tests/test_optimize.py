@@ -5,7 +5,7 @@ import pytest
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessorList
 from transformers.cache_utils import DynamicCache, StaticCache
 
 import csp_compile
@@ -14,21 +14,9 @@ from csp_compile.backend import CSPState
 from csp_compile.modality import ModalityUnavailableError
 from csp_compile.testing import FAMILIES, build_tiny_vlm, make_inputs
 from eager_oracle import evicting_generate
+from recompile_guard import FailOnRecompileFrom
 
 NEW_TOKENS = 4
-
-
-class FailOnRecompileAfterFirstDecode(LogitsProcessor):
-    """Called after every forward of generate: from the second decode step on, any recompile raises."""
-
-    def __init__(self):
-        self.calls = 0
-
-    def __call__(self, input_ids, scores):
-        self.calls += 1
-        if self.calls == 2:
-            torch.compiler.set_stance("fail_on_recompile")
-        return scores
 
 
 def generate(model, inputs, **kwargs):
@@ -67,7 +55,7 @@ def test_budget_02_matches_reference_eviction_and_decodes_without_recompiles(fam
     reference, reference_kept = evicting_generate(model, inputs, config, NEW_TOKENS)
 
     csp_compile.optimize(model, config)
-    out = generate(model, inputs, logits_processor=LogitsProcessorList([FailOnRecompileAfterFirstDecode()]))
+    out = generate(model, inputs, logits_processor=LogitsProcessorList([FailOnRecompileFrom(2)]))
     torch.compiler.set_stance("default")
 
     kept = csp_compile.kept_positions(model)
@@ -95,12 +83,8 @@ def test_new_prompt_length_recompiles_prefill_only():
     decode_graphs = state.compiled_graphs["continued"] + state.compiled_graphs["other"]
     inputs = make_inputs(model, text_len=31)
 
-    class StanceAfterPrefill(LogitsProcessor):  # the decode graph exists: no recompile from the first step
-        def __call__(self, input_ids, scores):
-            torch.compiler.set_stance("fail_on_recompile")
-            return scores
-
-    generate(model, inputs, logits_processor=LogitsProcessorList([StanceAfterPrefill()]))
+    # the decode graph exists: no recompile from the first decode step
+    generate(model, inputs, logits_processor=LogitsProcessorList([FailOnRecompileFrom(1)]))
     assert state.compiled_graphs["continued"] + state.compiled_graphs["other"] == decode_graphs
     assert state.physical_length == resolve_budget(inputs["input_ids"].shape[1], state.config)[0]
 
