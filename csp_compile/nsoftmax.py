@@ -24,3 +24,14 @@ def n_softmax(x: torch.Tensor, n: float = 1.0, dim: int = -1) -> torch.Tensor:
     if n > 0:
         probs = probs * torch.sigmoid(lse - math.log(n))
     return probs.to(x.dtype)
+
+
+def n_softmax_from_lse(x: torch.Tensor, lse: torch.Tensor, n: float = 1.0) -> torch.Tensor:
+    """``n_softmax(x, n)`` along the last axis given the rows' ``lse = logsumexp(x, -1, keepdim=True)``
+    (e.g. the attention kernel's normaliser), in ``x``'s dtype: ``exp(x - lse) * sigmoid(lse - ln n)``;
+    rows with ``lse = -inf`` give zeros. Plain tensor ops, no host sync (traceable)."""
+    dead_row = lse == float("-inf")
+    probs = torch.exp(x - torch.where(dead_row, 0.0, lse).to(x.dtype))
+    if n > 0:
+        probs = probs * torch.sigmoid(lse - math.log(n)).to(x.dtype)
+    return torch.where(dead_row, 0.0, probs)

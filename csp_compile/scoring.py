@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from csp_compile.config import CSPConfig
-from csp_compile.nsoftmax import n_softmax
+from csp_compile.nsoftmax import n_softmax, n_softmax_from_lse
 
 
 def resolve_budget(length: int, config: CSPConfig) -> tuple[int, int]:
@@ -45,6 +45,8 @@ class AttentionInputs:
     scale: float
     window: torch.Tensor  # (b,) int64
     query_valid: torch.Tensor | None = None  # (b, L) rows that have a query; None = ``valid``
+    rows: int | torch.SymInt | None = None  # trailing query rows scored as the window (>= every W); None = max W
+    window_lse: torch.Tensor | None = None  # (b, hq, rows) those rows' log-sum-exp (the attention kernel's)
 
     @property
     def length(self) -> int:
@@ -58,11 +60,15 @@ class AttentionInputs:
     def compute_dtype(self) -> torch.dtype:
         return torch.promote_types(self.query.dtype, torch.float32)
 
+    def num_rows(self) -> int | torch.SymInt:
+        """R: how many trailing query rows the window scoring reads (``rows``, else max W: a host sync)."""
+        return int(self.window.max()) if self.rows is None else self.rows
+
     def window_rows(self) -> torch.Tensor:
-        """(b, Wmax) bool over the last Wmax query rows: True where the row is in its window."""
-        w_max = int(self.window.max())
-        offsets = torch.arange(w_max, device=self.window.device)
-        return offsets[None, :] >= (w_max - self.window)[:, None]
+        """(b, R) bool over the last R query rows: True where the row is in its sequence's window."""
+        rows = self.num_rows()
+        offsets = torch.arange(rows, device=self.window.device)
+        return offsets[None, :] >= (rows - self.window)[:, None]
 
     def candidates(self) -> torch.Tensor:
         """(b, L) bool: real tokens before each sequence's window."""
@@ -70,11 +76,9 @@ class AttentionInputs:
         return self.valid & (positions[None, :] < (self.length - self.window)[:, None])
 
 
-def attention_probs(inputs: AttentionInputs, rows: slice, n: float) -> torch.Tensor:
-    """(b, hq, R, L) n-softmax attention of query rows ``rows`` over all keys, in compute dtype.
-
-    Scores are ``scale * <q, k> + mask`` with padding keys removed; ``mask=None`` means causal.
-    """
+def masked_scores(inputs: AttentionInputs, rows: slice) -> torch.Tensor:
+    """(b, hq, R, L) ``scale * <q, k> + mask`` of query rows ``rows`` over all keys, compute dtype,
+    -inf where not attended (the mask, or causal when ``mask`` is None; padding keys)."""
     b, hq, length, dim = inputs.query.shape
     hkv = inputs.kv_heads
     dtype = inputs.compute_dtype
@@ -89,19 +93,28 @@ def attention_probs(inputs: AttentionInputs, rows: slice, n: float) -> torch.Ten
         key_pos = torch.arange(length, device=scores.device)
         scores = torch.where(key_pos[None, :] <= query_pos[:, None], scores, neg_inf)
     else:
-        mask_rows = inputs.mask[..., rows, :]
+        mask_rows = inputs.mask[..., rows, :] if inputs.mask.shape[-2] != 1 else inputs.mask
         if mask_rows.dtype == torch.bool:
             scores = torch.where(mask_rows, scores, neg_inf)
         else:
             scores = scores + mask_rows.to(dtype)
-    scores = torch.where(inputs.valid[:, None, None, :], scores, neg_inf)
-    return n_softmax(scores, n=n, dim=-1)
+    return torch.where(inputs.valid[:, None, None, :], scores, neg_inf)
+
+
+def attention_probs(inputs: AttentionInputs, rows: slice, n: float) -> torch.Tensor:
+    """(b, hq, R, L) n-softmax attention of query rows ``rows`` over all keys, in compute dtype."""
+    return n_softmax(masked_scores(inputs, rows), n=n, dim=-1)
 
 
 def window_probs(inputs: AttentionInputs, n: float) -> torch.Tensor:
-    """(b, hq, Wmax, L) n-softmax attention of the window queries; rows outside a window are 0."""
-    w_max = int(inputs.window.max())
-    probs = attention_probs(inputs, slice(inputs.length - w_max, inputs.length), n)
+    """(b, hq, R, L) n-softmax attention of the last R query rows; rows outside a window are 0.
+    With ``inputs.window_lse`` the rows' normaliser is that one (no second reduction over L)."""
+    rows = inputs.num_rows()
+    window = slice(inputs.length - rows, inputs.length)
+    if inputs.window_lse is None:
+        probs = attention_probs(inputs, window, n)
+    else:
+        probs = n_softmax_from_lse(masked_scores(inputs, window), inputs.window_lse[..., None], n)
     return probs * inputs.window_rows()[:, None, :, None]
 
 
@@ -138,8 +151,8 @@ def accumulated_attention(inputs: AttentionInputs, chunk: int = 256) -> torch.Te
 
 def cross_population(inputs: AttentionInputs) -> torch.Tensor:
     """(b,) fraction of (window query, candidate key) pairs whose modalities differ."""
-    w_max = int(inputs.window.max())
-    query_modality = inputs.modality[:, inputs.length - w_max:]
+    rows = inputs.num_rows()
+    query_modality = inputs.modality[:, inputs.length - rows:]
     pairs = inputs.window_rows()[:, :, None] & inputs.candidates()[:, None, :]
     differ = pairs & (query_modality[:, :, None] != inputs.modality[:, None, :])
     counts = pairs.sum(dim=(1, 2)).clamp(min=1)

@@ -8,7 +8,7 @@ import torch
 
 from csp_compile.config import CSPConfig
 from csp_compile.policies import PolicyScores, get_policy
-from csp_compile.scoring import AttentionInputs, default_scale, resolve_budget
+from csp_compile.scoring import AttentionInputs, default_scale
 
 
 @dataclass(frozen=True)
@@ -56,38 +56,61 @@ def select_from_scores(
     """``select_kept``'s budgets, split and top-k on ``inputs``, ranking by ``scores`` (the policy's
     own, e.g. from a fused scorer) or, when None, by the policy's reference score function.
     ``budgets`` (b,) overrides B per sequence (default: the contract's B of its real length)."""
+    keep, num_kept, num_secondary = select_keep_mask(inputs, config, scores, budgets=budgets)
+    return _as_selection(keep, num_kept, num_secondary)
+
+
+def select_keep_mask(
+    inputs: AttentionInputs, config: CSPConfig, scores: PolicyScores | None = None, *, budgets: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``select_from_scores`` as (keep (b, hkv, L) bool, num_kept (b,), num_secondary (b, hkv)): tensor
+    ops only, no host sync, so it traces into a compiled graph when the policy's score function does."""
     lengths = inputs.valid.sum(-1)
-    if budgets is None:
-        budgets = torch.tensor([resolve_budget(int(n), config)[0] for n in lengths], dtype=torch.int64)
     policy = get_policy(config.policy)
     if policy.score is None:
         keep = inputs.valid[:, None, :].expand(-1, inputs.kv_heads, -1)
-        zeros = torch.zeros(keep.shape[:2], dtype=torch.int64, device=keep.device)
-        return _as_selection(keep, lengths.cpu(), zeros)
+        return keep, lengths, torch.zeros(keep.shape[:2], dtype=torch.int64, device=keep.device)
+    if budgets is None:
+        budgets = budgets_for(lengths, config)[0]
     k_total = (budgets.to(inputs.window.device) - inputs.window).clamp(min=0)
     scores = policy.score(inputs, config) if scores is None else scores
     k_secondary = policy.split(scores, inputs, config, k_total)
     keep = pick_top(scores, inputs.candidates(), k_total, k_secondary)
     positions = torch.arange(inputs.length, device=keep.device)
     in_window = positions[None, :] >= (inputs.length - inputs.window)[:, None]
-    keep = keep | in_window[:, None, :]
-    return _as_selection(keep, budgets, k_secondary)
+    return keep | in_window[:, None, :], budgets, k_secondary
+
+
+def budgets_for(real: torch.Tensor, config: CSPConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, W) per sequence, each (b,) int64, for ``real`` (b,) real-token counts: ``resolve_budget``
+    as tensor ops (``torch.round`` is half to even, as Python's ``round``)."""
+    real = real.to(torch.int64)
+    if isinstance(config.budget, float):
+        rounded = torch.round(real.to(torch.float64) * config.budget).to(torch.int64)
+        kept = torch.minimum(real, rounded.clamp(min=config.window))
+    else:
+        kept = real.clamp(max=config.budget)
+    return kept, kept.clamp(max=config.window)
 
 
 def left_aligned(selection: Selection, slots: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The cache layout of ``selection`` over ``slots`` physical slots: (indices (b, hkv, slots) with -1
-    in the leading empty slots, slot_valid (b, slots)); a sequence keeping n fills the last n slots,
-    like left padding, so at full budget the layout equals the prompt's."""
-    indices = selection.indices
-    if indices.shape[-1] > slots:
-        raise AssertionError(f"the selection keeps {indices.shape[-1]} > {slots} slots")
-    empty = slots - selection.num_kept.to(indices.device)  # (b,)
-    slot = torch.arange(slots, device=indices.device)
-    source = (slot[None, :] - empty[:, None]).clamp(min=0)  # (b, P): index into the selection row
-    indices = torch.nn.functional.pad(indices, (0, slots - indices.shape[-1]), value=-1)
-    indices = indices.gather(2, source[:, None, :].expand(-1, indices.shape[1], -1))
-    slot_valid = slot[None, :] >= empty[:, None]
-    return torch.where(slot_valid[:, None, :], indices, -1), slot_valid
+    """The cache layout of ``selection`` over ``slots`` physical slots (``kept_layout``)."""
+    if int(selection.num_kept.max()) > slots:
+        raise AssertionError(f"the selection keeps {int(selection.num_kept.max())} > {slots} slots")
+    return kept_layout(selection.keep_mask, selection.num_kept, slots)
+
+
+def kept_layout(keep: torch.Tensor, num_kept: torch.Tensor, slots: int | torch.SymInt) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cache layout of a keep mask (b, hkv, L) keeping ``num_kept`` (b,) <= ``slots`` per KV head:
+    (indices (b, hkv, slots) ascending with -1 in the leading empty slots, slot_valid (b, slots)); a
+    sequence keeping n fills the last n slots, like left padding, so at full budget the layout
+    equals the prompt's. Tensor ops only (traceable)."""
+    length = keep.shape[-1]
+    positions = torch.arange(length, device=keep.device)
+    ordered = torch.sort(torch.where(keep, positions, -1), dim=-1).values  # -1 first, kept ascending last
+    indices = ordered[..., length - slots:].contiguous()
+    slot = torch.arange(slots, device=keep.device)
+    return indices, slot[None, :] >= (slots - num_kept.to(keep.device))[:, None]
 
 
 def gather_kept(states: torch.Tensor, indices: torch.Tensor, slot_valid: torch.Tensor) -> torch.Tensor:
@@ -127,7 +150,7 @@ def make_attention_inputs(
         raise ValueError(f"modality must be an integer tensor of shape {(b, length)}: got {modality.dtype} {tuple(modality.shape)}")
     valid = _valid_tokens(attention_mask, b, length, query.device)
     _check_mask(mask, b, hq, length)
-    window = torch.tensor([resolve_budget(int(n), config)[1] for n in valid.sum(-1)], dtype=torch.int64, device=query.device)
+    window = budgets_for(valid.sum(-1), config)[1]
     positions = torch.arange(length, device=query.device)
     window_pad = ~valid & (positions[None, :] >= (length - window)[:, None])
     if bool(window_pad.any()):

@@ -88,3 +88,13 @@ def test_invalid_n_raises(bad):
 def test_integer_input_raises():
     with pytest.raises(ValueError, match="dtype"):
         n_softmax(torch.zeros(3, dtype=torch.int64))
+
+
+@given(st.lists(rows, min_size=1, max_size=4).filter(lambda r: len({len(x) for x in r}) == 1), n_values)
+def test_from_a_given_lse_equals_n_softmax(block, n):
+    """What the prefill graph computes from the attention kernel's log-sum-exp equals ``n_softmax``."""
+    from csp_compile.nsoftmax import n_softmax_from_lse
+
+    x = torch.tensor(block, dtype=torch.float64)
+    lse = torch.logsumexp(x, dim=-1, keepdim=True)
+    torch.testing.assert_close(n_softmax_from_lse(x, lse, n), n_softmax(x, n=n), rtol=1e-12, atol=1e-15)

@@ -220,3 +220,31 @@ def test_inputs_are_not_modified():
     for policy in ("csp", "h2o", "snapkv"):
         select_kept(q, k, m, CSPConfig(budget=0.5, window=3, policy=policy), attention_mask=am)
     assert all(torch.equal(a, b) for a, b in zip(before, (q, k, m, am)))
+
+
+@given(st.integers(1, 5000), st.one_of(st.floats(0.01, 1.0), st.integers(1, 600)), st.integers(1, 64))
+def test_budgets_as_tensor_ops_equal_resolve_budget(length, budget, window):
+    from csp_compile.scoring import resolve_budget
+    from csp_compile.selection import budgets_for
+
+    config = CSPConfig(budget=budget, window=window)
+    kept, win = budgets_for(torch.tensor([length, max(1, length // 2)]), config)
+    assert (int(kept[0]), int(win[0])) == resolve_budget(length, config)
+    assert (int(kept[1]), int(win[1])) == resolve_budget(max(1, length // 2), config)
+
+
+@given(cases(policies=all_policies))
+def test_window_scores_from_a_given_lse_select_the_same(case):
+    """Scoring the window from its rows' log-sum-exp (the attention kernel's, in the compiled graph) and
+    over ``rows`` >= every W trailing rows selects what ``select_kept`` selects."""
+    import dataclasses
+
+    from csp_compile.scoring import masked_scores
+    from csp_compile.selection import select_from_scores
+
+    inputs = make_attention_inputs(case.query, case.key, case.modality, case.config, attention_mask=case.attention_mask)
+    rows = min(case.config.window + 2, inputs.length)
+    lse = torch.logsumexp(masked_scores(inputs, slice(inputs.length - rows, inputs.length)), dim=-1)
+    traced_form = dataclasses.replace(inputs, rows=rows, window_lse=lse)
+    expected, got = select_from_scores(inputs, case.config), select_from_scores(traced_form, case.config)
+    assert torch.equal(got.keep_mask, expected.keep_mask)
