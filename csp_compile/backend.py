@@ -23,6 +23,7 @@ from torch._inductor.compile_fx import compile_fx
 import csp_compile.ops  # noqa: F401  (registers torch.ops.csp)
 from csp_compile.cache import EvictionState, LayerEviction
 from csp_compile.config import CSPConfig
+from csp_compile.internals import dynamo_backend_registered, fake_mode_of
 from csp_compile.passes.evict_prefill import (
     PrefillPlan,
     copy_dynamo_graph,
@@ -90,7 +91,7 @@ class CSPBackend:
         example_inputs = list(example_inputs)
         if self.state.hooked:
             batch, length = _prompt_shape(plan)
-            with torch._guards.detect_fake_mode(example_inputs):
+            with fake_mode_of(example_inputs):
                 example_inputs += [torch.empty(batch, length, dtype=torch.int64) for _ in range(2)]
         compiled = compile_fx(rewritten, example_inputs)
         state = self.state
@@ -164,8 +165,6 @@ def register_csp_backend() -> None:
     would make torch's load fail as a duplicate); a bare source checkout registers it here."""
     from importlib.metadata import entry_points
 
-    from torch._dynamo.backends.registry import _COMPILER_FNS
-
-    if any(ep.name == "csp" for ep in entry_points(group="torch_dynamo_backends")) or "csp" in _COMPILER_FNS:
+    if any(ep.name == "csp" for ep in entry_points(group="torch_dynamo_backends")) or dynamo_backend_registered("csp"):
         return
     register_backend(csp_backend, name="csp")

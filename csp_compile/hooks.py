@@ -31,6 +31,7 @@ from csp_compile.cache import (
     synced_slots,
     token_log,
 )
+from csp_compile.internals import is_sliding_layer_type, mark_dynamic_length
 from csp_compile.modality import modality_ids
 from csp_compile.ops import kept_slots
 from csp_compile.reselect import apply_reselection, reselect
@@ -249,8 +250,8 @@ def language_model_pre_hook(language_model: nn.Module, state: CSPState):
                 # A sliding layer stores a strided view after prefill and a fresh tensor after the
                 # first decode step: make the layouts agree so the decode graph's stride guards hold.
                 layer.keys, layer.values = layer.keys.contiguous(), layer.values.contiguous()
-                torch._dynamo.maybe_mark_dynamic(layer.keys, 2)
-                torch._dynamo.maybe_mark_dynamic(layer.values, 2)
+                mark_dynamic_length(layer.keys, 2)
+                mark_dynamic_length(layer.values, 2)
         slot_valid, state.slot_valid_for_masks = state.slot_valid_for_masks, None
         if slot_valid is not None:
             if isinstance(masks, dict):
@@ -268,7 +269,7 @@ def language_model_pre_hook(language_model: nn.Module, state: CSPState):
             kwargs = {**kwargs, "attention_mask": masks}
         for mask in masks.values() if isinstance(masks, dict) else [masks]:
             if isinstance(mask, torch.Tensor) and mask.dim() >= 2:
-                torch._dynamo.maybe_mark_dynamic(mask, mask.dim() - 1)
+                mark_dynamic_length(mask, mask.dim() - 1)
         return args, kwargs
 
     return hook
@@ -339,7 +340,7 @@ def _refuse_unmappable_padding(language_model: nn.Module, state: CSPState, masks
 
 def _has_sliding_layers(language_model: nn.Module) -> bool:
     layer_types = getattr(language_model.config, "layer_types", None) or ()
-    return any("sliding" in str(kind) for kind in layer_types)
+    return any(is_sliding_layer_type(kind) for kind in layer_types)
 
 
 _CHUNKABLE_INPUTS = {"inputs_embeds", "attention_mask", "position_ids", "cache", "past_key_values", "use_cache",

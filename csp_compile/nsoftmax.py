@@ -17,6 +17,11 @@ def n_softmax(x: torch.Tensor, n: float = 1.0, dim: int = -1) -> torch.Tensor:
         raise ValueError(f"n_softmax: n={n!r} is invalid: allowed a finite float >= 0")
     if not x.is_floating_point():
         raise ValueError(f"n_softmax: x has dtype {x.dtype}: allowed a floating-point tensor")
+    return _n_softmax(x, n, dim)
+
+
+def _n_softmax(x: torch.Tensor, n: float, dim: int) -> torch.Tensor:
+    """``n_softmax`` without argument checks (inside traced scoring, where ``n`` is a constant of the pass)."""
     work = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
     lse = torch.logsumexp(work, dim=dim, keepdim=True)
     dead_row = lse == float("-inf")

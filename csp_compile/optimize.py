@@ -23,6 +23,7 @@ from torch import nn
 
 from csp_compile.backend import CSPBackend, CSPState
 from csp_compile.config import CSPConfig
+from csp_compile.internals import capture_data_dependent_shapes, is_compiled
 from csp_compile.hooks import (
     SUPPORTED_ATTENTION,
     chunked_prefill,
@@ -167,21 +168,18 @@ def _refuse_pickling() -> None:
 
 def _refuse_compiled(model: nn.Module) -> None:
     """``optimize`` compiles the language model itself: a model already compiled is refused in one line."""
-    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):  # internals.is_compiled, for the message
         raise ValueError("csp: optimize got a torch.compile'd model: pass the uncompiled one (compiled._orig_mod); "
                          "optimize compiles the language model itself")
     compiled = [name or type(model).__name__ for name, module in model.named_modules()
-                if getattr(module, "_compiled_call_impl", None) is not None]
+                if is_compiled(module)]
     if compiled:
         raise ValueError(f"csp: {compiled[0]} was compiled with .compile(): optimize compiles the language model "
                          "itself; pass a model that was not compiled")
 
 def _scoring_of(match: Any, config: CSPConfig) -> str:
-    """``choose_scoring`` for a rewritten attention, from its query's example value."""
-    query = match.query.meta.get("example_value") if isinstance(match.query, torch.fx.Node) else None
-    device = query.device if isinstance(query, torch.Tensor) else torch.device("cpu")
-    dtype = query.dtype if isinstance(query, torch.Tensor) else torch.float32
-    return str(choose_scoring(device, config.policy, dtype))
+    """``choose_scoring`` for a rewritten attention (the policy and ``CSP_SCORING`` decide)."""
+    return str(choose_scoring(config.policy))
 
 
 def _installed(model: nn.Module) -> _Installed:
@@ -261,7 +259,7 @@ def _capturing_data_dependent_ops(compiled: Callable) -> Callable:
 
     @functools.wraps(compiled)
     def forward(*args: Any, **kwargs: Any) -> Any:
-        with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        with capture_data_dependent_shapes():
             return compiled(*args, **kwargs)
 
     return forward

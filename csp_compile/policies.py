@@ -8,14 +8,17 @@ among the candidates the primary picks left). CSP: primary = self, secondary = c
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
 
+
 from csp_compile import scoring
-from csp_compile.config import CSPConfig
 from csp_compile.scoring import AttentionInputs
+
+if TYPE_CHECKING:  # config validates policy names against this registry: no import cycle at run time
+    from csp_compile.config import CSPConfig
 
 
 @dataclass(frozen=True)
@@ -26,9 +29,9 @@ class PolicyScores:
     secondary: torch.Tensor | None = None
 
 
-ScoreFn = Callable[[AttentionInputs, CSPConfig], PolicyScores]
+ScoreFn = Callable[[AttentionInputs, "CSPConfig"], PolicyScores]
 # (scores, inputs, config, k_total (b,)) -> picks taken from the secondary score, (b, hkv) int64
-SplitFn = Callable[[PolicyScores, AttentionInputs, CSPConfig, torch.Tensor], torch.Tensor]
+SplitFn = Callable[[PolicyScores, AttentionInputs, "CSPConfig", torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -39,18 +42,23 @@ class Policy:
     description: str
     score: ScoreFn | None
     split: SplitFn
+    traceable: bool = False  # score and split are tensor ops without host syncs: scored inside the compiled graph
 
 
 _POLICIES: dict[str, Policy] = {}
 
 
-def register_policy(name: str, description: str, split: SplitFn | None = None) -> Callable[[ScoreFn], ScoreFn]:
-    """Decorator registering a score function as policy ``name`` (split defaults to primary-only)."""
+def register_policy(
+    name: str, description: str, split: SplitFn | None = None, *, traceable: bool = False,
+) -> Callable[[ScoreFn], ScoreFn]:
+    """Decorator registering a score function as policy ``name`` (split defaults to primary-only).
+    ``traceable``: score and split use tensor ops only (no ``int(tensor)``, no Python loop over L), so
+    the rewrite emits them into the prefill graph for Inductor; otherwise they run eagerly in an op."""
 
     def wrap(score: ScoreFn) -> ScoreFn:
         if name in _POLICIES:
             raise ValueError(f"policy {name!r} is already registered")
-        _POLICIES[name] = Policy(name, description, score, split or primary_only)
+        _POLICIES[name] = Policy(name, description, score, split or primary_only, traceable)
         return score
 
     return wrap
@@ -99,7 +107,7 @@ def text_first_split(scores: PolicyScores, inputs: AttentionInputs, config: CSPC
     return (k_total - text).clamp(min=0)[:, None].expand(-1, inputs.kv_heads)
 
 
-_POLICIES["full"] = Policy("full", "no eviction: the whole prompt is kept", None, primary_only)
+_POLICIES["full"] = Policy("full", "no eviction: the whole prompt is kept", None, primary_only, traceable=True)
 
 
 # --- score functions ---------------------------------------------------------------------------
@@ -108,6 +116,7 @@ _POLICIES["full"] = Policy("full", "no eviction: the whole prompt is kept", None
     "csp",
     "Cross-Self Pruning: n-softmax window attention split into self/cross modality parts",
     split=cross_ratio_split,
+    traceable=True,
 )
 def csp_scores(inputs: AttentionInputs, config: CSPConfig) -> PolicyScores:
     probs = scoring.window_probs(inputs, config.n)
@@ -118,7 +127,7 @@ def csp_scores(inputs: AttentionInputs, config: CSPConfig) -> PolicyScores:
     )
 
 
-@register_policy("snapkv", "SnapKV: softmax window attention summed over the window, average-pooled")
+@register_policy("snapkv", "SnapKV: softmax window attention summed over the window, average-pooled", traceable=True)
 def snapkv_scores(inputs: AttentionInputs, config: CSPConfig) -> PolicyScores:
     summed = scoring.window_probs(inputs, n=0.0).sum(dim=2)
     summed = summed * inputs.candidates()[:, None, :]
@@ -132,7 +141,7 @@ def h2o_scores(inputs: AttentionInputs, config: CSPConfig) -> PolicyScores:
     return PolicyScores(scoring.accumulated_attention(inputs))
 
 
-@register_policy("streaming", "StreamingLLM: the first sink_tokens tokens plus the most recent ones")
+@register_policy("streaming", "StreamingLLM: the first sink_tokens tokens plus the most recent ones", traceable=True)
 def streaming_scores(inputs: AttentionInputs, config: CSPConfig) -> PolicyScores:
     order = torch.cumsum(inputs.valid.to(torch.int64), dim=-1) - 1  # index among real tokens
     sink = order < config.sink_tokens

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from csp_compile.config import CSPConfig
-from csp_compile.nsoftmax import n_softmax, n_softmax_from_lse
+from csp_compile.nsoftmax import _n_softmax, n_softmax_from_lse
+
+if TYPE_CHECKING:  # config imports the policy registry, which imports this module
+    from csp_compile.config import CSPConfig
 
 
 def resolve_budget(length: int, config: CSPConfig) -> tuple[int, int]:
@@ -103,7 +106,7 @@ def masked_scores(inputs: AttentionInputs, rows: slice) -> torch.Tensor:
 
 def attention_probs(inputs: AttentionInputs, rows: slice, n: float) -> torch.Tensor:
     """(b, hq, R, L) n-softmax attention of query rows ``rows`` over all keys, in compute dtype."""
-    return n_softmax(masked_scores(inputs, rows), n=n, dim=-1)
+    return _n_softmax(masked_scores(inputs, rows), n, -1)
 
 
 def window_probs(inputs: AttentionInputs, n: float) -> torch.Tensor:

@@ -109,9 +109,9 @@ def test_bool_mask_is_shared_and_checked_for_causality_once(monkeypatch):
         got = compiled(query, key, value, attention_mask)
         assert torch.equal(got[0], eager[0])
     gm = captured[0]
-    ops = [n for n in gm.graph.nodes if n.target is evict_prefill.PREFILL_OP]
+    ops = [n for n in gm.graph.nodes if n.target is evict_prefill.ATTENTION_OP]
     shared = [n for n in gm.graph.nodes if n.target is evict_prefill.shared_mask_graph]
     flags = [n for n in gm.graph.nodes if n.target is evict_prefill.mask_is_causal_graph]
     assert len(ops) == 2 and len(shared) == 1 and len(flags) == 1
     for op in ops:
-        assert op.args[3] is shared[0] and op.kwargs["mask_is_causal"] is flags[0]
+        assert op.args[3] is shared[0] and op.args[7] is flags[0]

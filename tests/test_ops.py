@@ -1,4 +1,5 @@
-"""csp::prefill_attention: attention output, selection, pruned K/V, fake shapes, compiled use."""
+"""The prefill graph's pieces: ``csp::attention`` (the model's attention + window log-sum-exp),
+``prefill_selection`` (traced by Inductor, or eager in ``csp::select_reference``), the shared mask."""
 
 import pytest
 import torch
@@ -7,11 +8,14 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from csp_compile import CSPConfig, select_kept
-from csp_compile.ops import (config_from_op_args, config_op_args, kept_slots, mask_is_causal_graph,
-                             prefill_attention, shared_mask_graph)
+from csp_compile.ops import (attention_with_lse, config_from_op_arg, config_to_op_arg, kept_slots,
+                             mask_is_causal_graph, shared_mask_graph)
 from csp_compile.scoring import resolve_budget
+from csp_compile.selection import left_aligned
+from csp_compile.templates.prefill_selection import prefill_selection
 
-OP = torch.ops.csp.prefill_attention.default
+ATTENTION = torch.ops.csp.attention.default
+SELECT_REFERENCE = torch.ops.csp.select_reference.default
 
 
 def repeat_kv(x, n_rep):
@@ -54,54 +58,80 @@ CASES = [
 ]
 
 
-def run_op(p, op_kwargs, config, scale=None):
-    return prefill_attention(p["query"], p["key"], p["value"], p["modality"], config, attn_mask=p["attn_mask"],
-                             attention_mask_2d=p["attention_mask"], scale=scale, **op_kwargs)
+def expected_attention(p, scale, is_causal, enable_gqa):
+    """The model's own SDPA call (repeat_kv, or enable_gqa)."""
+    hq, hkv = p["query"].shape[1], p["key"].shape[1]
+    if enable_gqa:
+        return F.scaled_dot_product_attention(p["query"], p["key"], p["value"], attn_mask=p["attn_mask"],
+                                              scale=scale, is_causal=is_causal, enable_gqa=hq != hkv)
+    return F.scaled_dot_product_attention(p["query"], repeat_kv(p["key"], hq // hkv), repeat_kv(p["value"], hq // hkv),
+                                          attn_mask=p["attn_mask"], scale=scale, is_causal=is_causal)
+
+
+def window_lse_float64(p, scale, is_causal, rows):
+    """log-sum-exp of the last ``rows`` query rows' scores, in float64 from the definition."""
+    hq, hkv = p["query"].shape[1], p["key"].shape[1]
+    length = p["query"].shape[2]
+    scores = p["query"].double() @ repeat_kv(p["key"], hq // hkv).double().transpose(-1, -2) * scale
+    mask = p["attn_mask"]
+    if mask is None:
+        mask = torch.ones(length, length, dtype=torch.bool).tril() if is_causal else torch.ones(length, length, dtype=torch.bool)
+    scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.double()
+    return torch.logsumexp(scores[:, :, length - rows:], dim=-1)
 
 
 @pytest.mark.parametrize("prob, op_kwargs, config", CASES)
-def test_op_matches_direct_computation(prob, op_kwargs, config):
+def test_attention_is_the_models_and_its_lse_the_window_rows(prob, op_kwargs, config):
     p = problem(**prob)
     scale = 0.3
-    output, indices, pruned_key, pruned_value, slot_valid = run_op(p, op_kwargs, config, scale)
-    b, hq, length, _ = p["query"].shape
-    hkv = p["key"].shape[1]
+    is_causal, enable_gqa = op_kwargs.get("is_causal", False), op_kwargs.get("enable_gqa", False)
+    output, lse = attention_with_lse(p["query"], p["key"], p["value"], lse_rows=config.window, attn_mask=p["attn_mask"],
+                                     scale=scale, is_causal=is_causal, enable_gqa=enable_gqa)
+    assert output.is_contiguous() and torch.equal(output, expected_attention(p, scale, is_causal, enable_gqa))
+    rows = min(config.window, p["query"].shape[2])
+    assert lse.shape == (*p["query"].shape[:2], rows) and lse.dtype == torch.float32
+    torch.testing.assert_close(lse.double(), window_lse_float64(p, scale, is_causal, rows), rtol=1e-5, atol=1e-5)
 
-    # attention: bit-identical to the model's own SDPA call (repeat_kv or enable_gqa, same mask)
-    is_causal = op_kwargs.get("is_causal", False)
-    if op_kwargs.get("enable_gqa", False):
-        expected = F.scaled_dot_product_attention(p["query"], p["key"], p["value"], attn_mask=p["attn_mask"],
-                                                  scale=scale, is_causal=is_causal, enable_gqa=hq != hkv)
+
+SELECTIONS = [(case, "graph") for case in CASES] + [(case, "reference") for case in CASES] + [
+    (CASES[1], "inductor"), (CASES[4], "inductor")]
+
+
+@pytest.mark.parametrize("case, carrier", SELECTIONS)
+def test_selection_is_select_kept_in_the_cache_layout(case, carrier):
+    """The graph's form (given the attention's lse; eager, or compiled by Inductor) and the eager
+    ``csp::select_reference`` keep ``select_kept``'s positions, left-aligned in P slots (empty slots
+    first, index -1)."""
+    prob, op_kwargs, config = case
+    p = problem(**prob)
+    scale, is_causal = 0.3, op_kwargs.get("is_causal", False)
+    if carrier != "reference":
+        _, lse = attention_with_lse(p["query"], p["key"], p["value"], lse_rows=config.window, attn_mask=p["attn_mask"],
+                                    scale=scale, is_causal=is_causal)
+
+        def select(query, key, lse, mask, modality, padding):
+            return prefill_selection(query, key, lse, mask, modality, padding, config=config, scale=scale,
+                                     is_causal=is_causal)
+
+        if carrier == "inductor":
+            torch._dynamo.reset()
+            select = torch.compile(select, fullgraph=True)
+        indices, slot_valid = select(p["query"], p["key"], lse, p["attn_mask"], p["modality"], p["attention_mask"])
     else:
-        expected = F.scaled_dot_product_attention(p["query"], repeat_kv(p["key"], hq // hkv),
-                                                  repeat_kv(p["value"], hq // hkv), attn_mask=p["attn_mask"],
-                                                  scale=scale, is_causal=is_causal)
-    assert output.is_contiguous()
-    assert torch.equal(output, expected)
-
-    # selection: select_kept's indices, left-aligned in P slots (empty slots first, index -1)
+        indices, slot_valid = SELECT_REFERENCE(p["query"], p["key"], p["attn_mask"], p["modality"],
+                                               p["attention_mask"], scale, is_causal, config_to_op_arg(config))
     select_mask = p["attn_mask"]
+    length = p["query"].shape[2]
     if select_mask is None and not is_causal:
         select_mask = torch.ones(1, 1, length, length, dtype=torch.bool)
     selection = select_kept(p["query"], p["key"], p["modality"], config, attention_mask=p["attention_mask"],
                             mask=select_mask, scale=scale)
     slots = kept_slots(length, config)
-    assert indices.shape == (b, hkv, slots) and indices.dtype == torch.int64
-    for bi in range(b):
-        kept = int(selection.num_kept[bi])
-        assert torch.equal(indices[bi, :, slots - kept:], selection.indices[bi, :, :kept])
-        assert bool((indices[bi, :, : slots - kept] == -1).all())
-
-    # slot_valid and pruned K/V
-    assert slot_valid.shape == (b, slots) and slot_valid.dtype == torch.bool
+    expected_indices, expected_valid = left_aligned(selection, slots)
+    assert indices.shape == (p["key"].shape[0], p["key"].shape[1], slots) and indices.dtype == torch.int64
+    assert torch.equal(indices, expected_indices) and torch.equal(slot_valid, expected_valid)
     assert torch.equal(slot_valid.sum(-1), selection.num_kept)
-    assert torch.equal(indices >= 0, slot_valid[:, None, :].expand_as(indices))
-    for pruned, full in ((pruned_key, p["key"]), (pruned_value, p["value"])):
-        assert pruned.shape == (b, hkv, slots, full.shape[-1]) and pruned.is_contiguous()
-        gathered = full.gather(2, indices.clamp(min=0)[..., None].expand(-1, -1, -1, full.shape[-1]))
-        assert torch.equal(pruned, torch.where(slot_valid[:, None, :, None], gathered, 0.0))
-    # left padding is never kept
-    for bi in range(b):
+    for bi in range(indices.shape[0]):  # left padding is never kept
         real = set(torch.nonzero(p["attention_mask"][bi]).flatten().tolist())
         assert set(indices[bi][indices[bi] >= 0].tolist()) <= real
 
@@ -110,10 +140,9 @@ def test_op_matches_direct_computation(prob, op_kwargs, config):
 @pytest.mark.parametrize("hkv, enable_gqa", [(2, False), (2, True), (4, False)])
 def test_shared_mask_and_causal_flag_are_bit_identical(pads, hkv, enable_gqa):
     """What the rewrite passes for a bool mask: one shared copy of it and a flag whether it is exactly
-    causal (then the op's SDPA runs with is_causal=True, not the mask). Outputs, indices and pruned K/V
-    equal the op with the model's own mask, bit for bit; a mask with padding is not causal."""
+    causal (then the attention runs with is_causal=True, not the mask). Output and lse equal the op with
+    the model's own mask, bit for bit; a mask with padding is not causal."""
     p = problem(length=70, hkv=hkv, pads=pads, dim=16)
-    config = CSPConfig(budget=0.3, window=4)
     shared = shared_mask_graph(p["attn_mask"])
     assert shared.dtype == torch.bool and shared.is_contiguous() and torch.equal(shared, p["attn_mask"])
     flag = mask_is_causal_graph(shared)
@@ -121,11 +150,11 @@ def test_shared_mask_and_causal_flag_are_bit_identical(pads, hkv, enable_gqa):
     assert bool(mask_is_causal_graph(torch.ones(1, 1, 5, 5, dtype=torch.bool).tril()))
     assert not bool(mask_is_causal_graph(torch.ones(1, 1, 5, 5, dtype=torch.bool)))
     assert not bool(mask_is_causal_graph(torch.ones(1, 1, 5, 5, dtype=torch.bool).tril(-1)))
-    reference = run_op(p, dict(enable_gqa=enable_gqa), config)
+    reference = attention_with_lse(p["query"], p["key"], p["value"], lse_rows=4, attn_mask=p["attn_mask"],
+                                   enable_gqa=enable_gqa)
     for mask_is_causal in (flag, torch.tensor(False), None):
-        got = prefill_attention(p["query"], p["key"], p["value"], p["modality"], config, attn_mask=shared,
-                                attention_mask_2d=p["attention_mask"], enable_gqa=enable_gqa,
-                                mask_is_causal=mask_is_causal)
+        got = attention_with_lse(p["query"], p["key"], p["value"], lse_rows=4, attn_mask=shared, enable_gqa=enable_gqa,
+                                 mask_is_causal=mask_is_causal)
         for g, r in zip(got, reference):
             assert g.stride() == r.stride() and torch.equal(g, r)
 
@@ -139,16 +168,20 @@ def test_shared_mask_opcheck():
 @pytest.mark.parametrize("prob, op_kwargs, config", CASES[:3] + CASES[-1:])
 def test_fake_tensor_shapes_and_opcheck(prob, op_kwargs, config):
     p = problem(**prob)
-    args = (p["query"], p["key"], p["value"], p["attn_mask"], p["modality"], p["attention_mask"], None,
-            op_kwargs.get("is_causal", False), op_kwargs.get("enable_gqa", False))
-    real = OP(*args, **config_op_args(config))
-    with FakeTensorMode() as mode:
-        fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
-        fake = OP(*fake_args, **config_op_args(config))
-    for f, r in zip(fake, real):
-        assert f.shape == r.shape and f.dtype == r.dtype and f.stride() == r.stride()
-    torch.library.opcheck(OP, args, config_op_args(config),
-                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    is_causal = op_kwargs.get("is_causal", False)
+    calls = [
+        (ATTENTION, (p["query"], p["key"], p["value"], p["attn_mask"], None, is_causal,
+                     op_kwargs.get("enable_gqa", False), None, config.window)),
+        (SELECT_REFERENCE, (p["query"], p["key"], p["attn_mask"], p["modality"], p["attention_mask"], None, is_causal,
+                            config_to_op_arg(config))),
+    ]
+    for op, args in calls:
+        real = op(*args)
+        with FakeTensorMode() as mode:
+            fake = op(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args])
+        for f, r in zip(fake, real):
+            assert f.shape == r.shape and f.dtype == r.dtype and f.stride() == r.stride()
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
 @pytest.mark.parametrize("length", [1, 5, 24, 35, 40, 63, 70])
@@ -161,20 +194,25 @@ def test_kept_slots_is_the_contract_budget(length, budget):
 
 def test_config_round_trip():
     for config in (CSPConfig(), CSPConfig(budget=17, cross_ratio=0.3, policy="snapkv", pool_kernel=3),
-                   CSPConfig(budget=0.05, n=0.0, cross_ratio="population", policy="random", seed=3)):
-        assert config_from_op_args(**config_op_args(config)) == config
+                   CSPConfig(budget=0.05, n=0.0, cross_ratio="population", policy="random", seed=3),
+                   CSPConfig(budget=1.0, decode_budget=64, prefill_chunk=8, on_new_turn="append")):
+        assert config_from_op_arg(config_to_op_arg(config)) == config
+        assert type(config_from_op_arg(config_to_op_arg(config)).budget) is type(config.budget)
 
 
-def test_op_inside_inductor_static_and_dynamic():
-    """The op inside torch.compile(backend="inductor"): a static-shape graph, and a dynamic-L graph
-    whose P is the symbolic contract budget (one compile serves every prompt length)."""
+def test_layer_inside_inductor_static_and_dynamic():
+    """Attention + traced selection + gathers inside torch.compile(backend="inductor"): a static-shape
+    graph, and a dynamic-L graph whose P is the symbolic contract budget (one compile for every length)."""
+    from csp_compile.selection import gather_kept
+
     config = CSPConfig(budget=0.5, window=3)  # 0.5 * odd L hits round-half-to-even
 
     def layer(query, key, value, modality, attention_mask_2d):
         q = query * 1.5  # some surrounding compute, fused by Inductor
-        out, idx, pk, pv, valid = OP(q, key, value, None, modality, attention_mask_2d, None, True, True,
-                                     **config_op_args(config))
-        return out.sum(1), idx, pk * 2, pv, valid
+        out, lse = ATTENTION(q, key, value, None, None, True, True, None, config.window)
+        idx, valid = prefill_selection(q, key, lse, None, modality, attention_mask_2d, config=config, scale=None,
+                                       is_causal=True)
+        return out.sum(1), idx, gather_kept(key, idx, valid) * 2, gather_kept(value, idx, valid), valid
 
     for dynamic, lengths in ((False, (23,)), (True, (23, 17, 30))):
         torch._dynamo.reset()
@@ -192,4 +230,3 @@ def test_op_inside_inductor_static_and_dynamic():
                 assert g.shape == e.shape and g.dtype == e.dtype
                 torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
         assert len(set(compiles)) == 1, f"recompiled for a new prompt length: {compiles}"
-        assert any(OP in {n.target for n in gm.graph.nodes} for gm in counter.graphs)

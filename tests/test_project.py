@@ -47,3 +47,17 @@ def test_backend_string_works_without_importing_the_package():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd="/")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "True"
+
+
+def test_no_import_cycle_through_the_config():
+    """``config`` reads the policy registry (lazily); ``policies`` and ``scoring`` must not import
+    ``config`` at run time, or the three form a cycle."""
+    import ast
+
+    import csp_compile
+
+    package = Path(csp_compile.__file__).parent
+    for name in ("policies.py", "scoring.py"):
+        tree = ast.parse((package / name).read_text())
+        runtime = [node for node in tree.body if isinstance(node, ast.ImportFrom) and node.module == "csp_compile.config"]
+        assert not runtime, f"{name} imports csp_compile.config at run time"

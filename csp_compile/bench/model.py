@@ -22,7 +22,7 @@ from csp_compile.testing import build_tiny_vlm
 from csp_compile.testing.tiny_vlms import _FIRST_TEXT_ID, _RESERVED_TOP, BOS
 
 __all__ = ["BENCH_SHAPE", "QUICK_SHAPE", "ModelShape", "bench_inputs", "build_bench_model", "decode_weight_bytes",
-           "image_share_of", "parameter_count"]
+           "image_share_of", "padded_pair", "parameter_count"]
 
 
 @dataclass(frozen=True)
@@ -70,19 +70,19 @@ def build_bench_model(shape: ModelShape, *, device: str = "cpu", dtype: torch.dt
 
 def bench_inputs(model: PreTrainedModel, length: int, *, image_share: float = 0.3, image_blocks: int = 4,
                  tail_text: int = 64, seed: int = 0, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """A batch-1 prompt of exactly ``length`` tokens, ``image_share`` of them image placeholders.
+    """A batch-1 prompt of exactly ``length`` tokens, ``image_share`` of them image placeholders (0: text only).
 
     Layout: BOS, text, [image block], text, [image block], ..., text question (>= ``tail_text``
     tokens, so the observation window is text). Each block is consecutive 16-token images.
     """
     cfg = model.config
     per_image = int(cfg.image_seq_length)
-    n_images = max(1, round(length * image_share / per_image))
+    n_images = max(1, round(length * image_share / per_image)) if image_share > 0 else 0
     text_len = length - 1 - n_images * per_image
     if text_len < tail_text + image_blocks:
         raise ValueError(f"a {length}-token prompt is too short for {n_images} images of {per_image} tokens "
                          f"and a {tail_text}-token question")
-    blocks = min(image_blocks, n_images)
+    blocks = max(1, min(image_blocks, n_images))
     images_in = [n_images // blocks + (i < n_images % blocks) for i in range(blocks)]
     lead = text_len - tail_text
     text_in = [lead // blocks + (i < lead % blocks) for i in range(blocks)] + [tail_text]
@@ -94,9 +94,29 @@ def bench_inputs(model: PreTrainedModel, length: int, *, image_share: float = 0.
         ids += torch.randint(_FIRST_TEXT_ID, vocab - _RESERVED_TOP, (n_text,), generator=gen).tolist()
         ids += [cfg.image_token_id] * (n_img * per_image)
     input_ids = torch.tensor([ids], device=device)
-    side = cfg.vision_config.image_size
-    pixel_values = torch.randn(n_images, 3, side, side, generator=gen).to(device=device, dtype=model.dtype)
-    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "pixel_values": pixel_values}
+    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    if n_images:
+        side = cfg.vision_config.image_size
+        inputs["pixel_values"] = torch.randn(n_images, 3, side, side, generator=gen).to(device=device, dtype=model.dtype)
+    return inputs
+
+
+def padded_pair(model: PreTrainedModel, length: int, *, image_share: float = 0.3, pad: int | None = None,
+                device: str = "cpu") -> dict[str, torch.Tensor]:
+    """A left-padded batch of two prompts of ``length`` and ``length - pad`` tokens (default pad L / 8):
+    the attention mask is then not causal, so no one takes SDPA's causal shortcut."""
+    pad = length // 8 if pad is None else pad
+    first = bench_inputs(model, length, image_share=image_share, seed=0, device=device)
+    second = bench_inputs(model, length - pad, image_share=image_share, seed=1, device=device)
+    filler = torch.zeros(1, pad, dtype=first["input_ids"].dtype, device=device)
+    inputs = {
+        "input_ids": torch.cat([first["input_ids"], torch.cat([filler, second["input_ids"]], dim=1)]),
+        "attention_mask": torch.cat([first["attention_mask"], torch.cat([filler, second["attention_mask"]], dim=1)]),
+    }
+    pixels = [x["pixel_values"] for x in (first, second) if "pixel_values" in x]
+    if pixels:
+        inputs["pixel_values"] = torch.cat(pixels)
+    return inputs
 
 
 def image_share_of(model: PreTrainedModel, inputs: dict) -> float:

@@ -10,23 +10,12 @@ from typing import Any
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-__all__ = ["cache_bytes", "compile_plain", "prefill", "sync", "time_prefill", "uncompile_plain"]
+__all__ = ["cache_bytes", "prefill", "sync", "time_prefill"]
 
 
 def sync(device: torch.device | str) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
-
-
-def compile_plain(model: PreTrainedModel) -> None:
-    """``torch.compile`` the language model's forward (Inductor, default options): the baseline
-    that ``csp_compile.optimize`` is compared with (it too compiles only the language model)."""
-    language_model = model.get_decoder()
-    language_model.forward = torch.compile(type(language_model).forward.__get__(language_model))
-
-
-def uncompile_plain(model: PreTrainedModel) -> None:
-    model.get_decoder().__dict__.pop("forward", None)
 
 
 def prefill(model: PreTrainedModel, inputs: dict[str, torch.Tensor]) -> Any:

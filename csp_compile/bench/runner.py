@@ -1,9 +1,10 @@
 """``run_bench``: every measurement of ``csp-compile bench`` in one process, as one flat dict.
 
-Two copies of the bench Llava with identical random weights: one with its language model under
-plain ``torch.compile``, one under ``csp_compile.optimize``. Prefill and decode timings take turns
-between the two, so load from other jobs on a shared machine hits both alike; every figure is a
-ratio of two measurements made here.
+Copies of the bench Llava with identical random weights: one with its language model compiled as
+the plain baseline (``baseline``: Inductor, the same attention op and causal shortcut, nothing
+evicted), one under ``csp_compile.optimize`` with CSP and, for the prefill overhead, one with
+SnapKV. Timings take turns between the variants, so load from other jobs on a shared machine hits
+them alike; every figure is a ratio of two measurements made here.
 """
 
 from __future__ import annotations
@@ -17,10 +18,14 @@ from typing import Any, Callable, Iterator
 import torch
 
 import csp_compile
-from csp_compile.bench import decode, memory, model as bench_model, prefill, report, scoring
+from csp_compile.bench import baseline, decode, memory, model as bench_model, prefill, report, scoring
 from csp_compile.config import CSPConfig
 
-__all__ = ["BenchSettings", "run_bench"]
+__all__ = ["BenchSettings", "OVERHEAD_CASES", "run_bench"]
+
+# prefill overhead prompts: text only (causal mask), image_share image tokens, a left-padded batch of 2
+OVERHEAD_CASES = ("text", "image", "padded")
+PREFILL_VARIANTS = ("plain", "csp", "snapkv")
 
 
 @dataclass(frozen=True)
@@ -68,18 +73,26 @@ class BenchSettings:
 Step = tuple[str, Callable[[], None]]
 
 
+def _overhead_inputs(model: Any, case: str, length: int, s: BenchSettings) -> dict[str, torch.Tensor]:
+    if case == "padded":
+        return bench_model.padded_pair(model, length, image_share=s.image_share, device=s.device)
+    share = 0.0 if case == "text" else s.image_share
+    return bench_model.bench_inputs(model, length, image_share=share, device=s.device)
+
+
 def _steps(s: BenchSettings, r: dict[str, Any], state: dict[str, Any]) -> Iterator[Step]:
     """The measurements in order; each fills ``r`` (the result) and ``state`` (objects between steps)."""
     config = CSPConfig(budget=s.budget, window=s.window)
 
     def build() -> None:
-        models = [bench_model.build_bench_model(s.shape, device=s.device, dtype=s.dtype) for _ in range(2)]
-        state["plain"], state["csp"] = models
-        prefill.compile_plain(models[0])
+        models = [bench_model.build_bench_model(s.shape, device=s.device, dtype=s.dtype) for _ in range(3)]
+        state["plain"], state["csp"], state["snapkv"] = models
+        baseline.compile_plain(models[0])
         csp_compile.optimize(models[1], config)
+        csp_compile.optimize(models[2], config.replace(policy="snapkv"))
         state["short"] = bench_model.bench_inputs(models[0], s.prompt, image_share=s.image_share, device=s.device)
         state["long"] = bench_model.bench_inputs(models[0], s.long_prompt, image_share=s.image_share, device=s.device)
-    yield "build the bench models", build
+    yield "build the bench models (plain, CSP, SnapKV)", build
 
     def score() -> None:
         m = state["plain"]
@@ -92,27 +105,34 @@ def _steps(s: BenchSettings, r: dict[str, Any], state: dict[str, Any]) -> Iterat
             naive_scoring_speedup=res.naive_speedup, reference_scoring_speedup=res.reference_speedup,
             scoring_ms_naive=res.naive_s * 1e3, scoring_ms_reference=res.reference_s * 1e3,
             scoring_ms_fused=res.fused_s * 1e3, naive_scoring_impl=res.naive_impl, fused_scoring_impl=res.fused_impl,
-            fused_scoring_is_reference_fallback=res.fused_impl.startswith("reference fallback"),
             naive_scoring_max_abs_diff=res.naive_max_abs_diff, fused_scoring_max_abs_diff=res.fused_max_abs_diff,
         )
     yield f"scoring: naive / reference / fused, {s.prompt} tokens", score
 
-    def warm(name: str) -> Callable[[], None]:
-        def run() -> None:
-            for _ in range(2):  # the first call compiles
-                prefill.prefill(state[name], state["short"])
-        return run
-    yield f"compile + warm up the plain prefill ({s.prompt} tokens)", warm("plain")
-    yield f"compile + warm up the CSP prefill ({s.prompt} tokens)", warm("csp")
+    prefill_ms: dict[str, float] = state.setdefault("prefill_ms", {})  # "variant/case/length" -> median ms
+    for length in (s.prompt, s.long_prompt):
+        for case in OVERHEAD_CASES:
+            def time_case(case: str = case, length: int = length) -> None:
+                inputs = _overhead_inputs(state["plain"], case, length, s)
+                for name in PREFILL_VARIANTS:  # warm-up: a new shape may compile
+                    for _ in range(2):
+                        prefill.prefill(state[name], inputs)
+                times: dict[str, list[float]] = {name: [] for name in PREFILL_VARIANTS}
+                for _ in range(s.prefill_repeats):
+                    for name in PREFILL_VARIANTS:
+                        times[name] += prefill.time_prefill(state[name], inputs, repeats=1, warmup=0)[1]
+                for name, values in times.items():
+                    prefill_ms[f"{name}/{case}/{length}"] = statistics.median(values) * 1e3
+            yield (f"prefill overhead: {case} prompt, {length} tokens ({s.prefill_repeats} x "
+                   f"{len(PREFILL_VARIANTS)} prefills after warm-up)"), time_case
 
-    def time_prefills() -> None:
-        times: dict[str, list[float]] = {"plain": [], "csp": []}
-        for _ in range(s.prefill_repeats):
-            for name in times:
-                times[name] += prefill.time_prefill(state[name], state["short"], repeats=1, warmup=0)[1]
-        plain, csp = (statistics.median(times[k]) for k in ("plain", "csp"))
-        r.update(prefill_overhead_ratio=csp / plain, prefill_ms_plain=plain * 1e3, prefill_ms_csp=csp * 1e3)
-    yield f"prefill timing, {s.prefill_repeats} x 2 prefills", time_prefills
+    def overhead_figures() -> None:
+        state.pop("snapkv")
+        ratios = {f"{policy}/{key.split('/', 1)[1]}": ms / prefill_ms[f"plain/{key.split('/', 1)[1]}"]
+                  for key, ms in prefill_ms.items() for policy in ("csp", "snapkv") if key.startswith(policy + "/")}
+        worst = max(ratios, key=ratios.get)
+        r.update(prefill_overhead_ratio=ratios[worst], prefill_overhead_worst_case=worst,
+                 prefill_overhead_cases=ratios, prefill_ms=dict(prefill_ms))
 
     decodes: dict[str, list[decode.DecodeResult]] = {"plain": [], "csp": []}
     for round_ in range(s.decode_rounds):
@@ -136,6 +156,7 @@ def _steps(s: BenchSettings, r: dict[str, Any], state: dict[str, Any]) -> Iterat
         def measure(name: str = name) -> None:
             if name == "plain":
                 decode_figures()
+                overhead_figures()
             prefill.prefill(state[name], state["long"])  # warm-up: this call signature may compile
             peak, output = memory.peak_prefill_bytes(state[name], state["long"])
             peaks[name] = (peak, prefill.cache_bytes(output.past_key_values))
@@ -217,11 +238,12 @@ def run_bench(settings: BenchSettings, progress: Callable[[str], Any] | None = N
                                                                                          or platform.machine()),
         torch_version=torch.__version__, threads=torch.get_num_threads(),
         csp_rewritten_layers=csp_compile.explain(csp_model).count("pattern="),
-        csp_op_scoring=scoring.op_scoring(s.device, s.dtype),
+        csp_op_scoring=scoring.op_scoring(),
         wall_s=time.perf_counter() - start,
         **s.extra,
     )
     context = dict(budget=s.budget, prompt=r["prompt_tokens"], long_prompt=r["long_prompt_tokens"],
+                   cases=", ".join(OVERHEAD_CASES), worst=r["prefill_overhead_worst_case"],
                    repeats=s.prefill_repeats, fused_impl=r["fused_scoring_impl"], memory_method=r["memory_method"],
                    decode_steps=r["decode_steps_timed"] * s.decode_rounds, skipped=decode.SKIPPED_STEPS,
                    chunk_prompt=r["chunk_prompt_tokens"], prefill_chunk=s.prefill_chunk)

@@ -4,8 +4,9 @@
   causal mask added as an L x L tensor, n-softmax over every row, then the last W rows split by
   modality and (for GQA) averaged per KV head.
 - reference: ``csp_compile``'s plain-PyTorch reference (``policies.csp_scores``: window rows only).
-- fused: ``csp_compile.templates.score_window`` (the fused CPU window scorer), or the reference
-  where that template is absent (the result then names the fallback).
+- fused: what a rewritten prefill graph computes: the same score function over the window rows,
+  given the attention kernel's log-sum-exp (a by-product of the attention, computed once here),
+  compiled by Inductor.
 
 All three return (self, cross) scores of shape (b, hkv, L); the result records the largest
 difference of naive and fused from the reference, so a fast wrong kernel does not go unnoticed.
@@ -13,8 +14,7 @@ difference of naive and fused from the reference, so a fast wrong kernel does no
 
 from __future__ import annotations
 
-import importlib
-import math
+import dataclasses
 import statistics
 import time
 from dataclasses import dataclass
@@ -24,11 +24,11 @@ import torch
 
 from csp_compile.config import CSPConfig
 from csp_compile.policies import get_policy
-from csp_compile.scoring import AttentionInputs, gqa_mean
+from csp_compile.scoring import AttentionInputs, masked_scores
 from csp_compile.selection import make_attention_inputs
+from csp_compile.templates import choose_scoring, naive_scores
 
-__all__ = ["ScoringCase", "ScoringResult", "fused_scorer", "make_case", "naive_scorer", "naive_scores_local", "op_scoring",
-           "time_scoring"]
+__all__ = ["ScoringCase", "ScoringResult", "fused_scorer", "make_case", "naive_scorer", "op_scoring", "time_scoring"]
 
 Scorer = Callable[[], tuple[torch.Tensor, torch.Tensor]]
 
@@ -54,72 +54,40 @@ def make_case(modality: torch.Tensor, *, heads: int, kv_heads: int, head_dim: in
 
 # --- the three scorers ---------------------------------------------------------------------------
 
-def naive_scores_local(inputs: AttentionInputs, n: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The authors' way: full L x L attention (eager), then the window rows, split by modality."""
-    b, hq, length, dim = inputs.query.shape
-    hkv = inputs.kv_heads
-    key = inputs.key.repeat_interleave(hq // hkv, dim=1)  # their code is MHA: repeat K per query head
-    scores = torch.matmul(inputs.query.float(), key.float().transpose(2, 3)) * inputs.scale  # (b, hq, L, L)
-    causal = torch.full((length, length), float("-inf"), device=scores.device).triu(1)
-    scores = scores + causal
-    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-    probs = torch.exp(scores - lse)
-    if n > 0:
-        probs = probs * torch.sigmoid(lse - math.log(n))
-    w = int(inputs.window.max())
-    window = probs[:, :, -w:, :]  # (b, hq, W, L)
-    query_modality = inputs.modality[:, -w:]
-    same = query_modality[:, :, None] == inputs.modality[:, None, :]  # (b, W, L)
-    self_scores = (window * same[:, None]).sum(dim=2)
-    cross_scores = (window * ~same[:, None]).sum(dim=2)
-    return gqa_mean(self_scores, hkv), gqa_mean(cross_scores, hkv)
-
-
 def reference_scores(inputs: AttentionInputs, config: CSPConfig) -> tuple[torch.Tensor, torch.Tensor]:
     scores = get_policy("csp").score(inputs, config)
     return scores.primary, scores.secondary
 
 
-def _template(name: str) -> Callable | None:
-    try:
-        module = importlib.import_module("csp_compile.templates")
-    except ImportError:
-        return None
-    return getattr(module, name, None)
-
-
-def _scores(result) -> tuple[torch.Tensor, torch.Tensor]:
-    return (result.primary, result.secondary) if hasattr(result, "primary") else (result[0], result[1])
-
-
 def fused_scorer(case: ScoringCase) -> tuple[Scorer, str]:
-    """(scorer, implementation name): ``csp_compile.templates.score_window`` (the fused CPU window
-    scorer) when it exists, else the reference (named a fallback)."""
-    template = _template("score_window")
+    """(scorer, implementation name): ``csp_scores`` as the prefill graph runs it (R window rows, the
+    attention's log-sum-exp), through ``torch.compile``; the first call compiles."""
     i = case.inputs
-    if template is None:
-        return (lambda: reference_scores(i, case.config)), "reference fallback (csp_compile.templates.score_window absent)"
-    return (lambda: _scores(template(i.query, i.key, i.modality, case.config, scale=i.scale))), \
-        "csp_compile.templates.score_window"
+    rows = int(i.window.max())
+    lse = torch.logsumexp(masked_scores(i, slice(i.length - rows, i.length)), dim=-1)
+
+    def score(query: torch.Tensor, key: torch.Tensor, window_lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return reference_scores(dataclasses.replace(i, query=query, key=key, rows=rows, window_lse=window_lse),
+                                case.config)
+
+    compiled = torch.compile(score, fullgraph=True, dynamic=False)
+    return (lambda: compiled(i.query, i.key, lse)), "inductor (csp_scores traced with the attention's log-sum-exp)"
 
 
 def naive_scorer(case: ScoringCase) -> tuple[Scorer, str]:
-    """The authors' way: ``csp_compile.templates.naive_scores`` when it exists, else the local copy."""
-    template = _template("naive_scores")
+    """The authors' way, ``csp_compile.templates.naive_scores``."""
     i = case.inputs
-    if template is None:
-        return (lambda: naive_scores_local(i, case.config.n)), "csp_compile.bench.scoring.naive_scores_local"
-    return (lambda: _scores(template(i.query, i.key, i.modality, case.config, scale=i.scale))), \
-        "csp_compile.templates.naive_scores"
+
+    def score() -> tuple[torch.Tensor, torch.Tensor]:
+        result = naive_scores(i.query, i.key, i.modality, case.config, scale=i.scale)
+        return result.primary, result.secondary
+
+    return score, "csp_compile.templates.naive_scores"
 
 
-def op_scoring(device: str, dtype: torch.dtype) -> str:
-    """What ``csp::prefill_attention`` scores with for CSP on ``device`` (``choose_scoring``), if known."""
-    try:
-        from csp_compile.templates.lowering import choose_scoring
-    except ImportError:
-        return "reference (csp_compile.templates.lowering absent)"
-    return str(choose_scoring(device, "csp", dtype))
+def op_scoring() -> str:
+    """How a rewritten layer selects for CSP (``choose_scoring``)."""
+    return str(choose_scoring("csp"))
 
 
 # --- timing ------------------------------------------------------------------------------------

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import sys
+import time
 from typing import TYPE_CHECKING
 
 from csp_compile.cli.common import add_model_argument, load_model_or_fail, set_threads
@@ -34,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--n must be in 1 .. 64: got {args.n}")
     config = CSPConfig() if args.budget is None else CSPConfig(budget=args.budget)
     set_threads(args.threads)
+    _started[0] = time.perf_counter()
     model, source = load_model_or_fail(args.model)
     if not is_task_model(model):
         raise ValueError(f"{source} is not a model of the lookup task: demo needs the shipped tiny VLM "
@@ -41,8 +44,11 @@ def run(args: argparse.Namespace) -> int:
     evalset = task_eval_set(args.n)
     print(f"model: {source}")
     print(f"config: budget={config.budget} window={config.window} cross_ratio={config.cross_ratio} policy={config.policy}")
+    _stage("answering with the full cache")
     full = run_full(model, evalset)
+    _stage("answering with CSP (the first call compiles the language model: about a minute on 2 cores)")
     pruned = run_config(model, evalset, config)
+    _stage(None)
     answers = evalset.answers
     width = max(len(render_tokens(answers[0])), len("full cache")) + 2
     print(f"\n{'prompt (image = glyph of the key)':<44}{'expected':<{width}}{'full cache':<{width}}CSP")
@@ -65,6 +71,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+_started = [time.perf_counter()]
+
+
+def _stage(what: str | None) -> None:
+    """Progress on stderr (the results go to stdout): what runs now, and the time so far."""
+    elapsed = time.perf_counter() - _started[0]
+    print(f"[{elapsed:5.0f} s] {what}" if what else f"[{elapsed:5.0f} s] done", file=sys.stderr, flush=True)
+
+
 def _two_turns(model: PreTrainedModel, evalset: EvalSet, config: CSPConfig) -> None:
     """The second part: a two-turn conversation, full cache vs CSP "evict" vs CSP "append"."""
     import textwrap
@@ -75,10 +90,15 @@ def _two_turns(model: PreTrainedModel, evalset: EvalSet, config: CSPConfig) -> N
     from csp_compile.evaluation.conversation import CHATTER, recomputed_second_answers, run_conversation, wrong_answers
 
     answers = evalset.answers
+    _stage("two turns with the full cache")
     full = run_conversation(model, evalset)
+    _stage("two turns with CSP, on_new_turn=\"evict\" (compiles the second-turn graphs)")
     evict = run_conversation(model, evalset, config.replace(on_new_turn="evict"))
+    _stage("two turns with CSP, on_new_turn=\"append\" (compiles again)")
     append = run_conversation(model, evalset, config.replace(on_new_turn="append"))
+    _stage("a control: turn 2 after a wrong turn-1 answer, full cache")
     decoy = recomputed_second_answers(model, evalset, wrong_answers(answers))
+    _stage(None)
 
     def answer(tokens: torch.Tensor, i: int) -> str:
         return render_tokens(tokens[i]) + ("" if torch.equal(tokens[i], answers[i]) else " (wrong)")

@@ -1,21 +1,28 @@
-"""Rewrite a prefill graph: each language-model attention becomes ``csp::prefill_attention``.
+"""Rewrite a prefill graph: each language-model attention also selects the tokens its cache keeps.
 
 A *site* is an attention match (``find_attention``) whose K/V are a cache update ``torch.cat``
 of an empty cache with this step's K/V, and whose cat outputs Dynamo writes back into the cache
-layer (graph outputs). The rewrite feeds the op the cat outputs, makes the op's pruned K/V the
-graph outputs in their place (so Dynamo stores them in ``layer.keys``/``layer.values``), appends
-each site's kept indices and slot validity as extra outputs, and adds two inputs: the modality
-ids and the 2-D padding mask of the prompt. A bool attention mask shared by the sites is checked once
-per forward (``mask_is_causal_graph``, before its first site): when it is exactly causal the op runs
-SDPA with ``is_causal=True`` (bit-identical, and it skips the blocks above the diagonal) instead of
-SDPA converting the bool mask to a float one in every layer; and the sites share one materialised
-copy of the mask (``shared_mask_graph``) instead of Inductor writing it once per site (CPU; see
-``csp::prefill_attention``). Decode graphs (the cache already held tokens) and layers whose cache is
-not a plain full-attention cat (sliding windows) are left alone.
+layer (graph outputs). Per site the rewrite emits, in place of the model's SDPA call:
+
+1. ``csp::attention``: the same attention output, plus the row log-sum-exp of the window rows;
+2. the selection, ``prefill_selection`` (``templates``): a plain function node that AOTAutograd traces
+   into aten ops for Inductor to fuse, or the eager ``csp::select_reference`` op for a policy that
+   cannot be traced (``choose_scoring``);
+3. ``gather_kept`` of the key and value: the pruned K/V become the graph outputs in place of the cat
+   outputs (so Dynamo stores them in ``layer.keys`` / ``layer.values``).
+
+Each site's kept indices, slot validity and last ``window`` query rows are appended as extra outputs,
+and the graph gains two inputs: the prompt's modality ids and 2-D padding mask. A bool attention mask
+shared by the sites is checked once per forward (``mask_is_causal_graph``, before its first site): when
+it is exactly causal the attention runs with ``is_causal=True`` (bit-identical, and it skips the blocks
+above the diagonal); and the sites share one materialised copy of the mask (``shared_mask_graph``)
+instead of Inductor writing it once per site. Decode graphs (the cache already held tokens) and
+layers whose cache is not a plain full-attention cat (sliding windows) are left alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import operator
 from dataclasses import dataclass
 
@@ -24,10 +31,15 @@ from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from csp_compile.config import CSPConfig
-from csp_compile.ops import config_op_args, mask_is_causal_graph, shared_mask_graph
+from csp_compile.internals import copy_placeholder_sources, new_placeholder_source
+from csp_compile.ops import config_to_op_arg, mask_is_causal_graph, shared_mask_graph
 from csp_compile.passes.find_attention import AttentionMatch, SkippedAttention, find_attention
+from csp_compile.selection import gather_kept
+from csp_compile.templates.lowering import choose_scoring
+from csp_compile.templates.prefill_selection import selection_node_target
 
-PREFILL_OP = torch.ops.csp.prefill_attention.default
+ATTENTION_OP = torch.ops.csp.attention.default
+SELECT_REFERENCE_OP = torch.ops.csp.select_reference.default
 _PASS_THROUGH = ("contiguous", "clone")
 
 
@@ -110,7 +122,7 @@ def _placeholder_after(graph: fx.Graph, anchor: fx.Node, name: str, example: tor
     with graph.inserting_after(anchor):
         node = graph.placeholder(name)
     node.meta["example_value"] = example
-    node._dynamo_source = None  # AOTAutograd checks every placeholder has the attribute
+    new_placeholder_source(node)
     return node
 
 
@@ -145,50 +157,74 @@ def rewrite_prefill(gm: fx.GraphModule, plan: PrefillPlan, config: CSPConfig, *,
         modality = _placeholder_after(graph, last, "csp_modality", modality_example)
         padding = _placeholder_after(graph, modality, "csp_attention_mask_2d", padding_example)
 
-    base_kwargs = config_op_args(config)
+    traced = choose_scoring(config.policy).traced
     replaced: dict[fx.Node, fx.Node] = {}
     extra_outputs: list[fx.Node] = []
-    bool_masks: dict[fx.Node, tuple[fx.Node, fx.Node]] = {}  # model mask -> (shared mask, causal flag)
+    bool_masks: dict[fx.Node, tuple[fx.Node, fx.Node]] = {}
     for site in plan.sites:
         m = site.match
-        enable_gqa = m.pattern == "sdpa_gqa"
-        mask = m.mask
-        op_kwargs = dict(base_kwargs)
-        if _full_bool_mask(m):
-            if m.mask not in bool_masks:
-                with graph.inserting_before(m.output):
-                    shared = graph.call_function(shared_mask_graph, (m.mask,))
-                    flag = graph.call_function(mask_is_causal_graph, (shared,))
-                with first_query.fake_mode:
-                    shared.meta["example_value"] = shared_mask_graph(_fake(m.mask))
-                    flag.meta["example_value"] = mask_is_causal_graph(shared.meta["example_value"])
-                bool_masks[m.mask] = shared, flag
-            mask, op_kwargs["mask_is_causal"] = bool_masks[m.mask]
-        args = (m.query, site.key_cat, site.value_cat, mask, modality, padding, m.scale, m.is_causal, enable_gqa)
+        attention, output, window_lse, mask = _emit_attention(graph, m, site.key_cat, site.value_cat, config.window,
+                                                              bool_masks)
         with graph.inserting_before(m.output):
-            op = graph.call_function(PREFILL_OP, args, op_kwargs)
-            items = [graph.call_function(operator.getitem, (op, i)) for i in range(5)]
-        with first_query.fake_mode:
-            examples = PREFILL_OP(*fx.node.map_arg(args, _fake), **fx.node.map_arg(op_kwargs, _fake))
-        op.meta["example_value"] = examples
-        for item, example in zip(items, examples):
-            item.meta["example_value"] = example
-        m.output.replace_all_uses_with(items[0])
-        replaced[site.key_cat], replaced[site.value_cat] = items[2], items[3]
-        extra_outputs += [items[1], items[4], _window_rows(graph, m.query, config.window, op)]
+            if traced:
+                target = selection_node_target(config, m.scale, m.is_causal)
+                selection = _node(graph, target, (m.query, site.key_cat, window_lse, mask, modality, padding))
+            else:
+                selection = _node(graph, SELECT_REFERENCE_OP, (m.query, site.key_cat, mask, modality, padding, m.scale,
+                                                               m.is_causal, config_to_op_arg(config)))
+            kept, slot_valid = (_node(graph, operator.getitem, (selection, i)) for i in range(2))
+            replaced[site.key_cat] = _node(graph, gather_kept, (site.key_cat, kept, slot_valid))
+            replaced[site.value_cat] = _node(graph, gather_kept, (site.value_cat, kept, slot_valid))
+        m.output.replace_all_uses_with(output)
+        extra_outputs += [kept, slot_valid, _window_rows(graph, m.query, config.window, attention)]
 
     output_node = next(n for n in graph.nodes if n.op == "output")
     outputs = list(output_node.args[0])
     output_node.args = (tuple(replaced.get(o, o) for o in outputs) + tuple(extra_outputs),)
+    _erase_replaced(gm, plan.sites)
+    return PrefillRewrite(len(outputs), tuple(s.match.layer_index for s in plan.sites))
+
+
+def rewrite_attention_only(gm: fx.GraphModule, plan: PrefillPlan) -> None:
+    """The baseline ``csp-compile bench`` measures CSP against: each site's attention becomes the same
+    ``csp::attention`` (with the shared mask and its causal shortcut) and nothing else changes, so the
+    difference to ``rewrite_prefill`` is the selection and the gathers alone."""
+    bool_masks: dict[fx.Node, tuple[fx.Node, fx.Node]] = {}
+    for site in plan.sites:
+        m = site.match
+        _, output, _, _ = _emit_attention(gm.graph, m, site.key_cat, site.value_cat, 1, bool_masks)
+        m.output.replace_all_uses_with(output)
+    _erase_replaced(gm, plan.sites)
+
+
+def _emit_attention(graph: fx.Graph, m: AttentionMatch, key: fx.Node, value: fx.Node, lse_rows: int,
+                    bool_masks: dict[fx.Node, tuple[fx.Node, fx.Node]]) -> tuple[fx.Node, fx.Node, fx.Node, fx.Node]:
+    """``csp::attention`` in place of ``m``'s SDPA call, before ``m.output``: (op node, output, window
+    lse, the mask it was given). A full bool mask is shared by the sites through ``bool_masks`` (model
+    mask -> (shared copy, causal flag)), created before its first site."""
+    mask, mask_is_causal = m.mask, None
+    if _full_bool_mask(m):
+        if m.mask not in bool_masks:
+            with graph.inserting_before(m.output):
+                shared = _node(graph, shared_mask_graph, (m.mask,))
+                bool_masks[m.mask] = shared, _node(graph, mask_is_causal_graph, (shared,))
+        mask, mask_is_causal = bool_masks[m.mask]
+    with graph.inserting_before(m.output):
+        attention = _node(graph, ATTENTION_OP, (m.query, key, value, mask, m.scale, m.is_causal,
+                                                m.pattern == "sdpa_gqa", mask_is_causal, lse_rows))
+        output, window_lse = (_node(graph, operator.getitem, (attention, i)) for i in range(2))
+    return attention, output, window_lse, mask
+
+
+def _erase_replaced(gm: fx.GraphModule, sites: tuple[Site, ...]) -> None:
     # Erase only the replaced attention nodes: a whole-graph dead-code pass would also drop
     # in-place updates whose results go unused (e.g. Llama4's MoE ``out.add_(...)``).
-    for site in plan.sites:
+    for site in sites:
         for node in reversed(site.match.nodes):
             if not node.users:
-                graph.erase_node(node)
-    graph.lint()
+                gm.graph.erase_node(node)
+    gm.graph.lint()
     gm.recompile()
-    return PrefillRewrite(len(outputs), tuple(s.match.layer_index for s in plan.sites))
 
 
 def expose_window_queries(gm: fx.GraphModule, sites: tuple[Site, ...], window: int) -> PrefillRewrite:
@@ -202,6 +238,16 @@ def expose_window_queries(gm: fx.GraphModule, sites: tuple[Site, ...], window: i
     graph.lint()
     gm.recompile()
     return PrefillRewrite(len(outputs), tuple(s.match.layer_index for s in sites))
+
+
+def _node(graph: fx.Graph, target: object, args: tuple) -> fx.Node:
+    """A ``call_function`` node with its example value (what Dynamo's graph carries and later passes read)."""
+    node = graph.call_function(target, args)
+    fakes = fx.node.map_arg(args, lambda arg: arg.meta.get("example_value"))
+    mode = next((a.fake_mode for a in fakes if isinstance(a, torch.Tensor) and hasattr(a, "fake_mode")), None)
+    with mode or contextlib.nullcontext():
+        node.meta["example_value"] = target(*fakes)
+    return node
 
 
 def _window_rows(graph: fx.Graph, query: fx.Node, window: int, before: fx.Node) -> fx.Node:
@@ -221,11 +267,7 @@ def copy_dynamo_graph(gm: fx.GraphModule) -> fx.GraphModule:
     graph = fx.Graph()
     value_map: dict[fx.Node, fx.Node] = {}
     graph.output(graph.graph_copy(gm.graph, value_map))
-    for old, new in value_map.items():
-        if old.op == "placeholder":
-            new._dynamo_source = getattr(old, "_dynamo_source", None)
     copy = fx.GraphModule(gm, graph)
     copy.meta.update(gm.meta)
-    if hasattr(gm, "_param_name_to_source"):
-        copy._param_name_to_source = gm._param_name_to_source
+    copy_placeholder_sources(gm, copy, value_map)
     return copy

@@ -19,6 +19,8 @@ from typing import Literal
 import torch
 from torch import fx
 
+from csp_compile.internals import SDPA_FUNCTIONS, module_stack_entries
+
 __all__ = ["AttentionMatch", "SkippedAttention", "attention_pattern", "find_attention"]
 
 MaskKind = Literal["none", "causal_flag", "bool", "additive"]
@@ -93,7 +95,6 @@ def attention_pattern(anchor: Callable[[fx.Node], bool]) -> Callable[[Matcher], 
 # Node helpers
 # --------------------------------------------------------------------------------------------
 
-_SDPA_TARGETS = (torch._C._nn.scaled_dot_product_attention,)  # what F.scaled_dot_product_attention is
 _CASTS = ("to", "type_as", "float", "half", "bfloat16", "type")
 
 
@@ -106,7 +107,7 @@ def _is_call(node: object, functions: tuple = (), methods: tuple = ()) -> bool:
 
 
 def _is_sdpa(node: fx.Node) -> bool:
-    return _is_call(node, _SDPA_TARGETS)
+    return _is_call(node, SDPA_FUNCTIONS)
 
 
 def _is_softmax(node: fx.Node) -> bool:
@@ -300,14 +301,12 @@ _ATTENTION_NAMES = frozenset({"self_attn", "attn", "attention", "self_attention"
 _NOT_LM_WORDS = frozenset({"vision", "visual", "projector", "connector", "audio", "speech"})
 _NOT_LM_CLASS = re.compile(r"Vision|Visual|Projector|Connector|Audio|Speech")
 _CROSS_CLASS = re.compile(r"Cross")
-_DYNAMO_ROOT = re.compile(r"^L\['[^']*'\](\[\d+\])*\.?(__self__\.)?")
 
 
 def _module_stack(node: fx.Node) -> list[tuple[str, str]]:
     """(qualified path, class name) of the modules enclosing `node`, outermost first."""
     stack = []
-    for path, cls in node.meta.get("nn_module_stack", {}).values():
-        path = _DYNAMO_ROOT.sub("", path)
+    for path, cls in module_stack_entries(node):
         name = cls.__name__ if isinstance(cls, type) else str(cls).rsplit(".", 1)[-1]
         stack.append((path, name))
     return stack

@@ -1,12 +1,9 @@
-"""Fused scoring/eviction kernels: Triton templates for GPUs, the fused window scorer for CPUs.
+"""What the rewrite emits for a layer's selection: ``prefill_selection`` (traced into the prefill graph
+for Inductor, or run eagerly in ``csp::select_reference``), and which of the two a policy gets
+(``choose_scoring``). ``naive_scores`` is the authors' full L x L scoring, a benchmark baseline."""
 
-``score_window`` is the fused scorer (window rows only, never L x L), ``naive_scores`` the
-authors' full L x L way (a benchmark baseline), ``choose_scoring`` which one a layer uses.
-``triton_scoring`` is imported on demand (it needs Triton).
-"""
-
-from csp_compile.templates.cpu_scoring import FUSED_POLICIES, score_window
-from csp_compile.templates.lowering import ScoringChoice, choose_scoring, select_with
+from csp_compile.templates.lowering import ScoringChoice, choose_scoring
 from csp_compile.templates.naive_scoring import naive_scores
+from csp_compile.templates.prefill_selection import kept_slots, prefill_selection
 
-__all__ = ["FUSED_POLICIES", "ScoringChoice", "choose_scoring", "naive_scores", "score_window", "select_with"]
+__all__ = ["ScoringChoice", "choose_scoring", "kept_slots", "naive_scores", "prefill_selection"]

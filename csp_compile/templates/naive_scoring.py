@@ -30,7 +30,7 @@ def naive_scores(
     is_causal: bool = True,
 ) -> PolicyScores:
     """CSP (self, cross) scores (b, hkv, L) from the full L x L attention, eagerly; arguments as
-    ``score_window``'s (``config.n`` and ``config.window`` are used, the policy is CSP's)."""
+    ``prefill_selection``'s (``config.n`` and ``config.window`` are used, the policy is CSP's)."""
     b, hq, length, dim = check_query_key(query, key)
     hkv = key.shape[1]
     modality = torch.zeros(b, length, dtype=torch.int64, device=query.device) if modality is None else modality
