@@ -48,7 +48,8 @@ def text_turn(model, first: dict, sequences: torch.Tensor, length: int = 6, seed
 
 
 def image_turn(model, first: dict, sequences: torch.Tensor, seed: int = 3) -> dict:
-    """The conversation after turn 1 plus a new user turn holding a new image (its pixels only)."""
+    """The conversation after turn 1 plus a new user turn holding a new image, with what transformers
+    needs to continue it from a cache (``new_image_inputs``)."""
     batch = sequences.shape[0]
     new = make_inputs(model, batch=batch, text_len=6, seed=seed)
     ids = torch.cat([sequences, new["input_ids"]], dim=-1)
@@ -59,8 +60,29 @@ def image_turn(model, first: dict, sequences: torch.Tensor, seed: int = 3) -> di
     for key in TYPE_IDS:
         if key in first:
             turn[key] = torch.cat([first[key], torch.zeros(batch, generated, dtype=first[key].dtype), new[key]], dim=-1)
-    turn.update({k: v for k, v in new.items() if k not in ("input_ids", "attention_mask", *TYPE_IDS)})
+    turn.update(new_image_inputs(model, first, new, turn))
     return turn
+
+
+def new_image_inputs(model, first: dict, new: dict, turn: dict) -> dict:
+    """The image inputs of a second turn, as transformers 5.24 continues each family correctly from a cache:
+    - M-RoPE (Qwen-VL): ``image_grid_thw`` of every image of the conversation (generate computes the whole
+      conversation's positions from it) and the new image already encoded as ``mm_encoder_outputs`` (generate
+      would otherwise encode every grid's image from the new pixels alone);
+    - PaliGemma: the new turn typed as suffix (token_type_ids 1): its prefix block is only read at the positions
+      of the uncached tokens (a prefix-typed turn is refused on an optimised model);
+    - the others: the new image's pixels (Gemma3: token_type_ids over the whole conversation, as above)."""
+    pixels = {k: v for k, v in new.items() if k not in ("input_ids", "attention_mask", *TYPE_IDS)}
+    if "image_grid_thw" in new:
+        grids = torch.stack([first["image_grid_thw"], new["image_grid_thw"]], dim=1).flatten(0, 1)  # per sequence
+        with torch.no_grad():
+            encoded = model.get_image_features(new["pixel_values"], new["image_grid_thw"], return_dict=True)
+        return {"image_grid_thw": grids, "mm_encoder_outputs": {"image": encoded}}
+    if model.config.model_type == "paligemma":
+        suffix = turn["token_type_ids"].clone()
+        suffix[:, first["input_ids"].shape[1]:] = 1
+        return {**pixels, "token_type_ids": suffix}
+    return pixels
 
 
 @pytest.fixture(autouse=True)
@@ -71,7 +93,9 @@ def default_stance():
 
 TURNS = [(family, mode, "text") for family in FAMILIES for mode in ("evict", "append")] + [
     ("llava", "evict", "image"), ("llava_next", "append", "image"), ("idefics3", "evict", "image"),
-    ("smolvlm", "append", "image"), ("llava_onevision", "evict", "image"),
+    ("smolvlm", "append", "image"), ("llava_onevision", "evict", "image"), ("qwen2_vl", "evict", "image"),
+    ("qwen2_5_vl", "append", "image"), ("qwen3_vl", "evict", "image"), ("gemma3", "evict", "image"),
+    ("paligemma", "append", "image"),
 ]
 
 
