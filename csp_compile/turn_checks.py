@@ -80,8 +80,9 @@ def _mrope_positions(kwargs: dict, logical: int, media: torch.Tensor, valid: tor
     multi_token = (media[:, 1:] & media[:, :-1]).any(-1)
     text_like = multi_token & (flat | ~media).all(-1)
     if bool(text_like.any()):
+        row = int(text_like.nonzero()[0])
         raise ValueError(
-            f"csp: the new image tokens of sequence {int(text_like.nonzero()[0])} got text positions (equal M-RoPE rows) "
+            f"csp: the new image tokens of sequence {row} got text positions (equal M-RoPE rows) "
             f"on a cache of {logical} tokens: pass mm_token_type_ids for the whole conversation and image_grid_thw of "
             "every image in it (the new image pre-encoded as mm_encoder_outputs)"
         )

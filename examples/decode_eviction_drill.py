@@ -23,15 +23,16 @@ from csp_compile import CSPConfig
 from csp_compile.data import load_model
 from csp_compile.data.lookup import DRILL_QUERIES, collate, make_dataset
 
-_INTS = ("window", "decode_every")
-
-
 def parse_config(text: str) -> CSPConfig:
-    """``"budget=0.2,decode_budget=40,decode_every=3"`` -> CSPConfig (a budget with a dot is a fraction)."""
+    """``"budget=0.2,decode_budget=40,decode_every=3"`` -> CSPConfig: a number with a dot is a float (a
+    fraction for budgets), one without an int (tokens); anything else (policy, a cross-ratio rule) a string."""
     fields: dict = {}
     for part in text.split(","):
         name, _, value = part.partition("=")
-        fields[name] = value if name in ("policy", "cross_ratio") else int(value) if name in _INTS or "." not in value else float(value)
+        try:
+            fields[name] = float(value) if "." in value else int(value)
+        except ValueError:
+            fields[name] = value
     return CSPConfig(**fields)
 
 

@@ -72,6 +72,7 @@ def one_shot(model, first: dict, turn: dict, type_ids: dict, seed: int = 3) -> d
     inputs = {"input_ids": turn["input_ids"], "attention_mask": turn["attention_mask"], **type_ids}
     if "image_grid_thw" in new:
         rows = first["pixel_values"].shape[0] // batch
-        pixels = [p[s * rows:(s + 1) * rows] for s in range(batch) for p in (first["pixel_values"], new["pixel_values"])]
+        pixels = [p[s * rows:(s + 1) * rows] for s in range(batch)
+                  for p in (first["pixel_values"], new["pixel_values"])]
         return {**inputs, "pixel_values": torch.cat(pixels), "image_grid_thw": turn["image_grid_thw"]}
     return {**inputs, "pixel_values": torch.stack([first["pixel_values"], new["pixel_values"]], dim=1).flatten(0, 1)}

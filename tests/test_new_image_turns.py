@@ -79,6 +79,7 @@ def test_direct_call_without_mrope_positions_is_refused():
     first, out = first_turn(model)
     turn = image_turn(model, first, out.sequences)
     start = out.past_key_values.get_seq_length()
-    call = {**turn, "input_ids": turn["input_ids"][:, start:], "mm_token_type_ids": turn["mm_token_type_ids"][:, start:]}
+    call = {**turn, "input_ids": turn["input_ids"][:, start:],
+            "mm_token_type_ids": turn["mm_token_type_ids"][:, start:]}
     with torch.no_grad(), pytest.raises(ValueError, match="position_ids"):
         model(**call, cache=out.past_key_values)
