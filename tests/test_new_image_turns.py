@@ -1,6 +1,7 @@
-"""A new image in a second turn that transformers 5.24 itself continues wrongly from a cache: an optimised
-model refuses it in one line naming the argument and leaves the cache usable; the unmodified model really
-differs there from one-shot generation of the whole conversation (so the refusal can go once it does not)."""
+"""A new image in a second turn on a cache, measured on the unmodified model against one-shot generation
+of the whole conversation: with ``image_turn``'s inputs it equals it; where transformers 5.24 continues
+wrongly it differs (so a refusal can go once it does not), and an optimised model refuses those inputs in
+one line naming the argument, leaving the cache usable."""
 
 import pytest
 import torch
@@ -71,6 +72,20 @@ def test_unmodified_model_differs_from_one_shot_there(family, wrong, argument):
     whole = generate(model, one_shot(model, first, turn, type_ids))
     difference = (torch.stack(two_turns.logits) - torch.stack(whole.logits)).abs().max().item()
     assert difference > 1e-4, difference  # right inputs: < 1e-6 (test_conversation's image turns)
+
+
+@pytest.mark.parametrize("family", ["gemma3", "paligemma", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_unmodified_model_equals_one_shot_with_the_inputs_image_turn_passes(family):
+    """What test_conversation's oracle stands in for: with ``image_turn``'s inputs the unmodified model's
+    second turn on its full cache is the one-shot generation of the whole conversation."""
+    model = build_tiny_vlm(family)
+    first, out = first_turn(model)
+    turn = image_turn(model, first, out.sequences)
+    type_ids = {k: turn[k] for k in ("token_type_ids", "mm_token_type_ids") if k in turn}
+    two_turns = generate(model, turn, cache=out.past_key_values)
+    whole = generate(model, one_shot(model, first, turn, type_ids))
+    assert torch.equal(two_turns.sequences, whole.sequences)
+    assert (torch.stack(two_turns.logits) - torch.stack(whole.logits)).abs().max().item() < 1e-5
 
 
 def test_direct_call_without_mrope_positions_is_refused():
