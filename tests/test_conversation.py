@@ -1,6 +1,8 @@
 """Conversations on a pruned cache: a second turn equals the unmodified eager model fed the same
 pruned cache by hand (``conversation_oracle``), in both ``on_new_turn`` modes."""
 
+import copy
+
 import pytest
 import torch
 from transformers import LogitsProcessorList
@@ -68,6 +70,27 @@ def test_second_turn_matches_eager_oracle(family, mode, content):
     difference = (torch.stack(again.logits, 1) - torch.stack(expected_logits, 1))[live].abs().max().item()
     assert difference < 1e-4, difference
     assert cache.get_seq_length() == turn2["input_ids"].shape[1] + NEW_TOKENS - 1
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_oracle_on_the_whole_cache_equals_the_unmodified_second_turn(family):
+    """The oracle itself: fed the unpruned cache (every slot kept) it continues a new-image turn as the
+    unmodified model's own generate does."""
+    model = build_tiny_vlm(family)
+    first = make_inputs(model, batch=2, text_len=40, pad_left=[0, 5])
+    out = generate(model, first)
+    cache, logical = out.past_key_values, out.past_key_values.get_seq_length()
+    turn2 = image_turn(model, first, out.sequences)
+    whole = [None if layer.keys.shape[-2] != logical else torch.arange(logical).expand(*layer.keys.shape[:2], -1)
+             for layer in cache.layers]
+    slot_valid = first["attention_mask"].bool()  # slots after the prompt's: the decoded tokens
+    tokens, logits = second_turn(model, copy.deepcopy(cache), slot_valid, whole, first_modality=None, turn2=turn2,
+                                 logical=logical, config=CSPConfig(on_new_turn="append"), max_new_tokens=NEW_TOKENS)
+    again = generate(model, turn2, cache=cache)
+    generated = again.sequences[:, turn2["input_ids"].shape[1]:]
+    live = until_eos(generated)  # generate pads a row after its EOS; the oracle runs on
+    assert torch.equal(generated[live], tokens[live])
+    assert (torch.stack(again.logits, 1) - torch.stack(logits, 1))[live].abs().max().item() < 1e-5
 
 
 @pytest.mark.parametrize("family", FAMILIES)
