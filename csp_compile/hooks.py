@@ -2,8 +2,9 @@
 
 Model pre-hook: refuses calls that would skip eviction; turns the cache's full-attention layers
 into ``LogicalLayer`` s (logical length + slot map); at a prefill records the prompt's modality ids
-and padding; on a non-empty cache (decode, a new turn) logs the new tokens and hands transformers
-the padding mask in the frame the layers' masks use (``offset_attention_mask``).
+and padding; on a non-empty cache (decode, a new turn) refuses a new image transformers would place
+wrongly (``turn_checks``), logs the new tokens and hands transformers the padding mask in the frame the
+layers' masks use (``offset_attention_mask``).
 Model post-hook: after a prefill stores each evicted layer's slot map on the cache; after a new
 turn of more than one token with ``on_new_turn="evict"`` re-selects every evicting layer
 (``reselect``). Language-model pre-hook: dynamic cache and mask lengths, so decoding compiles once;
@@ -35,6 +36,7 @@ from csp_compile.internals import is_sliding_layer_type, mark_dynamic_length
 from csp_compile.modality import modality_ids
 from csp_compile.ops import kept_slots
 from csp_compile.reselect import apply_reselection, reselect
+from csp_compile.turn_checks import check_new_turn
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
@@ -137,6 +139,7 @@ def _continue(model, state: CSPState, cache, args: tuple, kwargs: dict) -> None:
             mm_token_type_ids=_last(kwargs.get("mm_token_type_ids"), new_tokens),
             attention_mask=new_valid,
         )
+        check_new_turn(model, kwargs, logical, modality, new_valid)
         slot_valid = slot_validity(pruned[0], log) if pruned else None
         log.append(modality, new_valid)
     else:

@@ -61,12 +61,14 @@ def second_turn(model, cache, slot_valid, slot_positions, first_modality, turn2:
     records: dict[int, tuple] = {}
     tokens, logits = [], []
     step_ids, step_pos = new_ids, positions[..., logical:]
-    step_extras = {k: (v[..., logical:] if k in ("token_type_ids", "mm_token_type_ids") else v) for k, v in extras.items()}
+    step_extras = {k: (v[..., logical:] if k in _sliced_type_ids(model) else v) for k, v in extras.items()}
+    blocks = _image_blocks(model, turn2, logical)
     seen, since = logical, 0
     for step in range(max_new_tokens):
         q = step_ids.shape[-1]
         valid = torch.cat([valid, (new_mask if step == 0 else torch.ones_like(step_ids)).bool()], dim=-1)
-        out = _forward(model, language_model, cache, step_ids, step_pos, valid, mask, sliding, records, q, step_extras)
+        out = _forward(model, language_model, cache, step_ids, step_pos, valid, mask, sliding, records, q, step_extras,
+                       blocks if step == 0 else None)
         step_positions = torch.arange(seen, seen + q)
         seen += q
         for index in slot_map:
@@ -99,6 +101,23 @@ def second_turn(model, cache, slot_valid, slot_positions, first_modality, turn2:
     return torch.cat(tokens, dim=-1), logits
 
 
+def _sliced_type_ids(model) -> tuple[str, ...]:
+    """The type-id inputs generate hands the model for the uncached tokens only: all but Gemma3's
+    token_type_ids (its prepare_inputs_for_generation passes them whole at a turn's first forward, since
+    its bidirectional image blocks are read by absolute position)."""
+    return ("mm_token_type_ids",) if model.config.model_type == "gemma3" else ("token_type_ids", "mm_token_type_ids")
+
+
+def _image_blocks(model, turn2: dict, logical: int) -> torch.Tensor | None:
+    """(b, q) for Gemma3: the id of the image block each new token belongs to (-1 = text), numbered by
+    hand; tokens of one block attend to each other both ways. None for the other families."""
+    if model.config.model_type != "gemma3" or "token_type_ids" not in turn2:
+        return None
+    is_image = turn2["token_type_ids"][:, logical:] == 1
+    starts = is_image & ~torch.cat([torch.zeros_like(is_image[:, :1]), is_image[:, :-1]], dim=-1)
+    return torch.where(is_image, starts.long().cumsum(-1), -1)
+
+
 def _type_ids(inputs: dict) -> dict:
     return {k: inputs[k] for k in ("token_type_ids", "mm_token_type_ids") if k in inputs}
 
@@ -107,7 +126,8 @@ def _first_full(cache) -> int:
     return next(i for i, layer in enumerate(cache.layers) if not isinstance(layer, DynamicSlidingWindowLayer))
 
 
-def _forward(model, language_model, cache, ids, positions, physical_valid, logical_mask, sliding, records, q, extras):
+def _forward(model, language_model, cache, ids, positions, physical_valid, logical_mask, sliding, records, q, extras,
+             blocks=None):
     attention_modules = {m for m in language_model.modules() if hasattr(m, "layer_idx") and hasattr(m, "q_proj")}
     mapping = ALL_ATTENTION_FUNCTIONS._global_mapping
     implementation = language_model.config._attn_implementation
@@ -129,6 +149,9 @@ def _forward(model, language_model, cache, ids, positions, physical_valid, logic
         key = torch.arange(total)
         query = torch.arange(total - q, total)
         allowed = physical_valid[:, None, None, :] & (key[None, None, None, :] <= query[None, None, :, None])
+        if blocks is not None:  # the new tokens' image blocks (b, q), both ways within a block
+            same = (blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] >= 0)
+            allowed[..., total - q:] |= same[:, None] & physical_valid[:, None, None, total - q:]
         like = masks["full_attention"]
         if like.dtype != torch.bool:
             allowed = torch.zeros(allowed.shape, dtype=like.dtype).masked_fill(~allowed, torch.finfo(like.dtype).min)

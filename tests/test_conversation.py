@@ -1,6 +1,8 @@
 """Conversations on a pruned cache: a second turn equals the unmodified eager model fed the same
 pruned cache by hand (``conversation_oracle``), in both ``on_new_turn`` modes."""
 
+import copy
+
 import pytest
 import torch
 from transformers import LogitsProcessorList
@@ -10,11 +12,11 @@ from csp_compile import CSPConfig, resolve_budget
 from csp_compile.testing import FAMILIES, build_tiny_vlm, make_inputs
 from csp_compile.testing.tiny_vlms import EOS
 from conversation_oracle import chunked_generate, second_turn
+from conversation_turns import image_turn, text_turn
 from eager_oracle import evicting_generate
 from recompile_guard import FailOnRecompileFrom
 
 NEW_TOKENS = 4
-TYPE_IDS = ("token_type_ids", "mm_token_type_ids")
 
 
 def generate(model, inputs, max_new_tokens=NEW_TOKENS, **kwargs):
@@ -29,40 +31,6 @@ def until_eos(tokens: torch.Tensor) -> torch.Tensor:
     return (eos.cumsum(-1) - eos) == 0
 
 
-def text_turn(model, first: dict, sequences: torch.Tensor, length: int = 6, seed: int = 7) -> dict:
-    """The whole conversation after turn 1 plus ``length`` new text tokens (the second user turn)."""
-    batch = sequences.shape[0]
-    vocab = model.config.get_text_config().vocab_size
-    new = torch.randint(4, vocab - 16, (batch, length), generator=torch.Generator().manual_seed(seed))
-    ids = torch.cat([sequences, new], dim=-1)
-    grown = ids.shape[1] - first["input_ids"].shape[1]
-    turn = {"input_ids": ids,
-            "attention_mask": torch.cat([first["attention_mask"], torch.ones(batch, grown, dtype=torch.long)], dim=-1)}
-    for key in TYPE_IDS:
-        if key in first:
-            turn[key] = torch.cat([first[key], torch.zeros(batch, grown, dtype=first[key].dtype)], dim=-1)
-    for key in ("image_grid_thw",):  # M-RoPE positions of the whole conversation need the first image's grid
-        if key in first:
-            turn[key] = first[key]
-    return turn
-
-
-def image_turn(model, first: dict, sequences: torch.Tensor, seed: int = 3) -> dict:
-    """The conversation after turn 1 plus a new user turn holding a new image (its pixels only)."""
-    batch = sequences.shape[0]
-    new = make_inputs(model, batch=batch, text_len=6, seed=seed)
-    ids = torch.cat([sequences, new["input_ids"]], dim=-1)
-    grown = ids.shape[1] - first["input_ids"].shape[1]
-    turn = {"input_ids": ids,
-            "attention_mask": torch.cat([first["attention_mask"], torch.ones(batch, grown, dtype=torch.long)], dim=-1)}
-    generated = sequences.shape[1] - first["input_ids"].shape[1]
-    for key in TYPE_IDS:
-        if key in first:
-            turn[key] = torch.cat([first[key], torch.zeros(batch, generated, dtype=first[key].dtype), new[key]], dim=-1)
-    turn.update({k: v for k, v in new.items() if k not in ("input_ids", "attention_mask", *TYPE_IDS)})
-    return turn
-
-
 @pytest.fixture(autouse=True)
 def default_stance():
     yield
@@ -71,7 +39,9 @@ def default_stance():
 
 TURNS = [(family, mode, "text") for family in FAMILIES for mode in ("evict", "append")] + [
     ("llava", "evict", "image"), ("llava_next", "append", "image"), ("idefics3", "evict", "image"),
-    ("smolvlm", "append", "image"), ("llava_onevision", "evict", "image"),
+    ("smolvlm", "append", "image"), ("llava_onevision", "evict", "image"), ("qwen2_vl", "evict", "image"),
+    ("qwen2_5_vl", "append", "image"), ("qwen3_vl", "evict", "image"), ("gemma3", "evict", "image"),
+    ("paligemma", "append", "image"),
 ]
 
 
@@ -100,6 +70,27 @@ def test_second_turn_matches_eager_oracle(family, mode, content):
     difference = (torch.stack(again.logits, 1) - torch.stack(expected_logits, 1))[live].abs().max().item()
     assert difference < 1e-4, difference
     assert cache.get_seq_length() == turn2["input_ids"].shape[1] + NEW_TOKENS - 1
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_oracle_on_the_whole_cache_equals_the_unmodified_second_turn(family):
+    """The oracle itself: fed the unpruned cache (every slot kept) it continues a new-image turn as the
+    unmodified model's own generate does."""
+    model = build_tiny_vlm(family)
+    first = make_inputs(model, batch=2, text_len=40, pad_left=[0, 5])
+    out = generate(model, first)
+    cache, logical = out.past_key_values, out.past_key_values.get_seq_length()
+    turn2 = image_turn(model, first, out.sequences)
+    whole = [None if layer.keys.shape[-2] != logical else torch.arange(logical).expand(*layer.keys.shape[:2], -1)
+             for layer in cache.layers]
+    slot_valid = first["attention_mask"].bool()  # slots after the prompt's: the decoded tokens
+    tokens, logits = second_turn(model, copy.deepcopy(cache), slot_valid, whole, first_modality=None, turn2=turn2,
+                                 logical=logical, config=CSPConfig(on_new_turn="append"), max_new_tokens=NEW_TOKENS)
+    again = generate(model, turn2, cache=cache)
+    generated = again.sequences[:, turn2["input_ids"].shape[1]:]
+    live = until_eos(generated)  # generate pads a row after its EOS; the oracle runs on
+    assert torch.equal(generated[live], tokens[live])
+    assert (torch.stack(again.logits, 1) - torch.stack(logits, 1))[live].abs().max().item() < 1e-5
 
 
 @pytest.mark.parametrize("family", FAMILIES)

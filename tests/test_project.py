@@ -40,6 +40,20 @@ def test_selection_example_runs():
     assert all(0.2 <= float(values[0]) <= 0.3 for name, values in rows.items() if name != "full")
 
 
+def test_decode_eviction_example_runs():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "decode_eviction_drill.py"), "--n", "4", "--configs", "budget=1.0",
+         "budget=1.0,window=8,decode_budget=0.2,decode_every=3"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if "value accuracy" in line]
+    full, compressed = (int(line.split("slots at end")[1].split()[0]) for line in rows)
+    prompt = int(result.stdout.split(" drill prompts of ")[1].split()[0])
+    assert full == prompt + 23  # 24 answer tokens fed, the last one's K/V appended too
+    assert compressed < 0.3 * full
+
+
 def test_backend_string_works_without_importing_the_package():
     """The torch_dynamo_backends entry point makes backend="csp" known to a fresh interpreter."""
     code = "import torch, sys; f = torch.compile(lambda x: x + 1, backend='csp'); " \
