@@ -1,9 +1,10 @@
 """The worker's view of the running batch: which request each row is, and what it evicted.
 
 vLLM's attention metadata has no request ids, so ``plugin.py`` wraps the model runner's
-``__init__`` to hand the runner to ``attach_runner`` (one runner per worker process); rows of a
-step are ``runner.input_batch.req_ids`` in order (final when metadata is built and attention
-runs). ``evicted_tokens[req_id]`` is set by the attention backend at the request's prefill step
+``__init__`` to hand the runner to its engine's view (``view_for(runner.vllm_config)``: the
+attention impls and metadata builders of that runner see the same ``VllmConfig`` object, so
+several engines in one process keep apart); rows of a step are ``runner.input_batch.req_ids`` in
+order (final when metadata is built and attention runs). ``evicted_tokens[req_id]`` is set by the attention backend at the request's prefill step
 and read by the metadata builder at every later step; a fresh prefill of the request (after a
 preemption) drops it first.
 """
@@ -14,18 +15,19 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["BatchView", "BATCH"]
+__all__ = ["BatchView", "RECORDER", "view_for"]
+
+# Test hook: each callable in RECORDER is called as recorder(layer_name, req_id, query (L, hq, D), key / value (L, hkv, D), modality (L,),
+# plan, selection, slots) at every compaction (slots: the cache slots written); None records nothing.
+RECORDER: list[Callable[..., None]] = []
 
 
 class BatchView:
-    """Process-wide state of one worker (a plain object: the runner, evictions, an optional recorder)."""
+    """State of one engine's worker: its runner and the tokens each request evicted."""
 
     def __init__(self) -> None:
         self.runner: Any = None
         self.evicted_tokens: dict[str, int] = {}
-        # Test hook: called as recorder(layer_name, req_id, query (L, hq, D), key (L, hkv, D), modality (L,),
-        # plan, selection) at every compaction; None (the default) records nothing.
-        self.recorder: Callable[..., None] | None = None
 
     def attach_runner(self, runner: Any) -> None:
         self.runner = runner
@@ -59,4 +61,12 @@ class BatchView:
         return torch.tensor(values, dtype=torch.int32)
 
 
-BATCH = BatchView()
+_VIEWS: dict[int, tuple[Any, BatchView]] = {}
+
+
+def view_for(vllm_config: Any) -> BatchView:
+    """The ``BatchView`` of the engine whose config object is ``vllm_config``."""
+    entry = _VIEWS.get(id(vllm_config))
+    if entry is None or entry[0] is not vllm_config:
+        entry = _VIEWS[id(vllm_config)] = (vllm_config, BatchView())
+    return entry[1]

@@ -33,12 +33,22 @@ from vllm.v1.attention.backends.cpu_attn import (
 
 from csp_compile.config import CSPConfig
 from csp_compile.selection import select_kept
-from csp_compile.vllm.batch import BATCH
+from csp_compile.vllm.batch import RECORDER, BatchView, view_for
 from csp_compile.vllm.layout import EvictionPlan, plan_eviction
 from csp_compile.vllm.modality import modality_ids
 from csp_compile.vllm.settings import check_engine
 
-__all__ = ["CSPCPUAttentionBackend", "CSPCPUAttentionImpl", "CSPCPUMetadataBuilder", "shift_rows"]
+__all__ = ["CSPCPUAttentionBackend", "CSPCPUAttentionImpl", "CSPCPUAttentionMetadata", "CSPCPUMetadataBuilder",
+           "shift_rows"]
+
+
+@dataclasses.dataclass
+class CSPCPUAttentionMetadata(CPUAttentionMetadata):
+    """vLLM's CPU metadata plus what the impl needs to compact: the engine's batch view and the
+    request id of each row (None when CSP is off)."""
+
+    csp_batch: BatchView | None = None
+    csp_req_ids: list[str] | None = None
 
 
 def shift_rows(common: CommonAttentionMetadata, offsets: torch.Tensor, block_size: int) -> CommonAttentionMetadata:
@@ -62,18 +72,23 @@ class CSPCPUMetadataBuilder(CPUAttentionMetadataBuilder):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:  # noqa: ANN001 (vLLM's signature)
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.csp = check_engine(vllm_config)
+        self.batch = view_for(vllm_config)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> CPUAttentionMetadata:
-        if self.csp is not None and not self.is_encoder_only_attention and not self.is_cross_attention:
-            common = common_attn_metadata
-            rows = common.num_reqs
-            starts = common.query_start_loc_cpu[: rows + 1]
-            fresh = (starts[1:] - starts[:-1]) == common.seq_lens[:rows].cpu()
-            offsets = BATCH.offsets(BATCH.req_ids(rows), fresh)
-            if offsets is not None:
-                common_attn_metadata = shift_rows(common, offsets, self.block_size)
-        return super().build(common_prefix_len, common_attn_metadata, fast_build)
+        if self.csp is None or self.is_encoder_only_attention or self.is_cross_attention:
+            return super().build(common_prefix_len, common_attn_metadata, fast_build)
+        common = common_attn_metadata
+        rows = common.num_reqs
+        starts = common.query_start_loc_cpu[: rows + 1]
+        fresh = (starts[1:] - starts[:-1]) == common.seq_lens[:rows].cpu()
+        req_ids = self.batch.req_ids(rows)
+        offsets = self.batch.offsets(req_ids, fresh)
+        if offsets is not None:
+            common = shift_rows(common, offsets, self.block_size)
+        built = super().build(common_prefix_len, common, fast_build)
+        fields = {f.name: getattr(built, f.name) for f in dataclasses.fields(CPUAttentionMetadata)}
+        return CSPCPUAttentionMetadata(**fields, csp_batch=self.batch, csp_req_ids=req_ids)
 
 
 class CSPCPUAttentionImpl(CPUAttentionBackendImpl):
@@ -92,11 +107,10 @@ class CSPCPUAttentionImpl(CPUAttentionBackendImpl):
                 output_scale=None, output_block_scale=None) -> torch.Tensor:  # noqa: ANN001
         output = super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
                                  output_scale, output_block_scale)
-        if self.csp is None or attn_metadata is None:
+        if self.csp is None or not isinstance(attn_metadata, CSPCPUAttentionMetadata) or attn_metadata.csp_batch is None:
             return output
         starts = attn_metadata.query_start_loc.cpu().tolist()
         seq_lens = attn_metadata.seq_lens.cpu().tolist()
-        req_ids: list[str] | None = None
         for row, length in enumerate(seq_lens):
             start = starts[row]
             if starts[row + 1] - start != length or length < 2:
@@ -104,16 +118,15 @@ class CSPCPUAttentionImpl(CPUAttentionBackendImpl):
             plan = plan_eviction(length, self.csp, self.block_size)
             if plan.freed_blocks == 0:
                 continue
-            req_ids = req_ids if req_ids is not None else BATCH.req_ids(len(seq_lens))
-            self._compact(layer, req_ids[row], plan, query[start:start + length], key[start:start + length],
+            self._compact(layer, attn_metadata.csp_batch, attn_metadata.csp_req_ids[row], plan, query[start:start + length], key[start:start + length],
                           value[start:start + length], kv_cache, attn_metadata.slot_mapping[start:start + length])
         return output
 
-    def _compact(self, layer, req_id: str, plan: EvictionPlan, query: torch.Tensor,  # noqa: ANN001
+    def _compact(self, layer, batch: BatchView, req_id: str, plan: EvictionPlan, query: torch.Tensor,  # noqa: ANN001
                  key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slots: torch.Tensor) -> None:
         """Select ``plan.kept`` tokens per KV head and write them into ``slots[-kept:]``."""
         length, kept = plan.length, plan.kept
-        modality = modality_ids(BATCH.request(req_id).mm_features, length)
+        modality = modality_ids(batch.request(req_id).mm_features, length)
         q = query.permute(1, 0, 2)[None]  # (1, hq, L, D)
         k = key.permute(1, 0, 2)[None]  # (1, hkv, L, D)
         selection = select_kept(q, k, modality[None], self.csp.replace(budget=kept), scale=self.scale)
@@ -126,9 +139,9 @@ class CSPCPUAttentionImpl(CPUAttentionBackendImpl):
         ops.cpu_attn_reshape_and_cache(kept_key, kept_value, key_cache, value_cache, slots[length - kept:],
                                        layer.isa, k_scale=layer._k_scale_float, v_scale=layer._v_scale_float,
                                        kv_cache_dtype=self.kv_cache_dtype)
-        BATCH.evicted_tokens[req_id] = plan.evicted_tokens
-        if BATCH.recorder is not None:
-            BATCH.recorder(layer.layer_name, req_id, query, key, modality, plan, selection)
+        batch.evicted_tokens[req_id] = plan.evicted_tokens
+        for record in RECORDER:
+            record(layer.layer_name, req_id, query, key, value, modality, plan, selection, slots[length - kept:])
 
 
 class CSPCPUAttentionBackend(CPUAttentionBackend):

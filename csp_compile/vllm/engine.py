@@ -17,7 +17,8 @@ from csp_compile.config import CSPConfig
 from csp_compile.data.lookup import IMAGE_TOKENS, VOCAB, Example
 from csp_compile.vllm.model_dir import prepare_model_dir
 
-__all__ = ["BLOCK_SIZE", "accuracy", "csp_entry", "greedy", "make_llm", "prepared_model_dir", "task_prompt"]
+__all__ = ["BLOCK_SIZE", "accuracy", "csp_entry", "greedy", "held_blocks", "make_llm", "prepared_model_dir",
+           "scheduler_of", "task_prompt"]
 
 BLOCK_SIZE = 32
 
@@ -85,3 +86,20 @@ def accuracy(tokens: list[list[int]], answers: torch.Tensor) -> float:
     """Exact-match accuracy of ``tokens`` against ``answers`` (n, answer length)."""
     hits = [row[: answers.shape[1]] == answer.tolist() for row, answer in zip(tokens, answers)]
     return sum(hits) / len(hits)
+
+
+def scheduler_of(llm: Any) -> Any:
+    """The scheduler of an in-process engine (``VLLM_ENABLE_V1_MULTIPROCESSING=0``)."""
+    core = getattr(llm.llm_engine.engine_core, "engine_core", None)
+    if core is None:
+        raise RuntimeError("the engine core runs in another process: set VLLM_ENABLE_V1_MULTIPROCESSING=0")
+    return core.scheduler
+
+
+def held_blocks(llm: Any) -> dict[str, int]:
+    """KV blocks each request of the scheduler holds now (null blocks, i.e. freed ones, not
+    counted), summed over KV cache groups; keys are the engine's internal request ids."""
+    scheduler = scheduler_of(llm)
+    managers = scheduler.kv_cache_manager.coordinator.single_type_managers
+    return {req_id: sum(not block.is_null for manager in managers for block in manager.req_to_blocks.get(req_id, ()))
+            for req_id in scheduler.requests}

@@ -6,7 +6,8 @@ engine's ``additional_config`` has a ``"csp"`` entry:
 1. registers ``CSPCPUAttentionBackend`` over ``AttentionBackendEnum.CPU_ATTN``;
 2. wraps ``EngineArgs.create_engine_config`` so a bad ``"csp"`` entry or an engine setting CSP
    cannot run with is refused with one line in the caller's process, before the engine starts;
-3. wraps ``GPUModelRunner.__init__`` (the CPU runner's base) to hand the runner to ``batch.BATCH``;
+3. wraps ``GPUModelRunner.__init__`` (the CPU runner's base) to hand the runner to its engine's
+   ``batch.view_for(vllm_config)``;
 4. wraps ``Scheduler._update_after_schedule`` to free compacted blocks (``scheduler_hook``).
 
 Wrapping is idempotent (vLLM may call ``register`` several times per process).
@@ -43,11 +44,11 @@ def _checked_engine_config(original: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _attaching_runner(original: Callable[..., Any]) -> Callable[..., Any]:
-    from csp_compile.vllm.batch import BATCH
+    from csp_compile.vllm.batch import view_for
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         original(self, *args, **kwargs)
-        BATCH.attach_runner(self)
+        view_for(self.vllm_config).attach_runner(self)
 
     return __init__
 
