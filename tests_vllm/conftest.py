@@ -28,3 +28,20 @@ def test_split():
     """(prompts, answers) of the first 200 test-split examples (what `csp-compile eval --n 200` uses)."""
     examples = make_dataset(200, "test")
     return [task_prompt(e) for e in examples], torch.stack([e.answer for e in examples])
+
+
+@pytest.fixture(scope="session")
+def engine(model_dir):
+    """``engine(config, **engine_args)``: one vLLM engine per distinct (config, engine args) for
+    the whole session (config None: plain vLLM)."""
+    from csp_compile.vllm.engine import make_llm
+
+    made: dict[tuple, object] = {}
+
+    def get(config, **overrides):
+        key = (config, tuple(sorted(overrides.items())))
+        if key not in made:
+            made[key] = make_llm(model_dir, config, **overrides)
+        return made[key]
+
+    return get

@@ -14,19 +14,19 @@ from csp_compile.data import VOCAB, make_dataset
 from csp_compile.scoring import resolve_budget
 from csp_compile.selection import select_kept
 from csp_compile.vllm import batch
-from csp_compile.vllm.engine import BLOCK_SIZE, greedy, held_blocks, make_llm, task_prompt
+from csp_compile.vllm.engine import BLOCK_SIZE, greedy, held_blocks, task_prompt
 
 CONFIG = CSPConfig(budget=0.2, window=8)
 
 
 @pytest.fixture(scope="module")
-def csp_llm(model_dir):
-    return make_llm(model_dir, CONFIG)
+def csp_llm(engine):
+    return engine(CONFIG)
 
 
 @pytest.fixture(scope="module")
-def plain_llm(model_dir):
-    return make_llm(model_dir, None)
+def plain_llm(engine):
+    return engine(None)
 
 
 @pytest.fixture
@@ -37,9 +37,9 @@ def records():
     batch.RECORDER.clear()
 
 
-def test_full_budget_gives_plain_vllm_tokens(model_dir, plain_llm, test_split, records):
+def test_full_budget_gives_plain_vllm_tokens(engine, plain_llm, test_split, records):
     prompts = test_split[0][:40]
-    full = make_llm(model_dir, CSPConfig(budget=1.0, window=8))
+    full = engine(CSPConfig(budget=1.0, window=8))
     assert greedy(full, prompts, 4) == greedy(plain_llm, prompts, 4)
     assert records == []  # nothing compacted
 
