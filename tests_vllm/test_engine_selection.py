@@ -68,12 +68,12 @@ def test_kept_positions_per_layer_and_kv_head_equal_select_kept(csp_llm, records
                              modality[None], CONFIG.replace(budget=plan.kept), scale=1 / math.sqrt(key.shape[-1]))
         assert torch.equal(selection.indices, oracle.indices), name
         # the cache's blocks now hold each KV head's kept K/V in ascending position from the first kept slot:
-        # the same bytes as writing the oracle's gather there with vLLM's op into zeroed blocks
+        # writing the oracle's gather there again with vLLM's op changes no byte (the layout is the op's own)
         layer = _attention_layer(csp_llm, name)
         cache = layer.kv_cache[0] if isinstance(layer.kv_cache, (list, tuple)) else layer.kv_cache
         block_ids = torch.unique(slots // cache.shape[2])
         index = oracle.indices[0][..., None].expand(-1, -1, key.shape[-1])
-        expected = torch.zeros_like(cache)
+        expected = cache.clone()
         k_view, v_view = expected.view(cache.shape[0], cache.shape[1], 2 * cache.shape[2], -1).chunk(2, dim=2)
         ops.cpu_attn_reshape_and_cache(key.permute(1, 0, 2).gather(1, index).permute(1, 0, 2).contiguous(),
                                        value.permute(1, 0, 2).gather(1, index).permute(1, 0, 2).contiguous(),
