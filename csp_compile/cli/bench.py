@@ -91,7 +91,7 @@ def _settings(args: argparse.Namespace):
 def _run_vllm(args: argparse.Namespace) -> int:
     from csp_compile.vllm.cli import format_bench, run_bench
 
-    quick = dict(prompt=1024, new_tokens=32, requests=24, repeats=2) if args.quick else {}
+    quick = dict(prompt=1024, new_tokens=32, repeats=2) if args.quick else {}
     overrides = {**quick, "budget": args.budget, "repeats": args.repeats}
     overrides.update({k: getattr(args, k) for k in ("prompt", "new_tokens") if getattr(args, k) is not None})
     result = run_bench(None, overrides)
