@@ -48,7 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine", choices=("transformers", "vllm"), default="transformers",
                         help="transformers (the compiled pass, default) or vllm (the csp_compile.vllm plugin on the "
                              "shipped tiny VLM: blocks per request, concurrency, throughput and prefill ratios under "
-                             "one KV memory; run in the environment of scripts/install_vllm.sh)")
+                             "one KV memory; run in the environment of scripts/install_vllm.sh; its defaults: --prompt "
+                             "2048 --new-tokens 256 --repeats 3, --quick: 1024 and 32)")
 
 
 def _device(name: str | None) -> str:

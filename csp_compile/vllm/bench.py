@@ -8,7 +8,8 @@ prompts (an image and ``prompt`` tokens in all). Figures (``bNN`` = budget in pe
 - ``vllm_max_concurrent_ratio_bNN``: most requests the scheduler runs at once on ``requests``
   requests of ``new_tokens`` output tokens each.
 - ``vllm_throughput_ratio_bNN``: output tokens per second on that workload.
-- ``vllm_prefill_overhead_bNN``: wall time of one request's prefill step (median of ``repeats``).
+- ``vllm_prefill_overhead_bNN``: wall time of one request's prefill step (median of ``repeats``,
+  the two engines interleaved).
 
 Each as CSP / off, with the raw values beside them. The engine core runs in this process (the
 scheduler is read between steps).
@@ -43,7 +44,7 @@ class VLLMBenchSettings:
     budget: float = 0.2
     window: int = 8
     requests: int = 40
-    new_tokens: int = 64
+    new_tokens: int = 256
     full_capacity: int = 8
     repeats: int = 3
 
@@ -78,22 +79,33 @@ def _block_bytes(model_dir: Path) -> int:
     return 2 * text["num_hidden_layers"] * text["num_key_value_heads"] * head_dim * BLOCK_SIZE * 4  # K and V, fp32
 
 
-def _prefill(llm: Any, settings: VLLMBenchSettings) -> tuple[int, float]:
-    """(blocks one request holds after its prefill step, median prefill-step seconds)."""
+def _prefill_step(llm: Any, settings: VLLMBenchSettings, name: str, seed: int) -> tuple[int, float]:
+    """(blocks one request holds after its prefill step, seconds of that step); runs it to the end."""
     from vllm import SamplingParams
 
-    engine, blocks, seconds = llm.llm_engine, [], []
-    for repeat in range(settings.repeats + 1):  # the first, untimed, warms up
-        engine.add_request(f"prefill-{repeat}", long_prompt(settings.prompt, 1000 + repeat),
-                           SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
-        start = time.perf_counter()
+    engine = llm.llm_engine
+    engine.add_request(name, long_prompt(settings.prompt, seed), SamplingParams(max_tokens=2, temperature=0.0,
+                                                                                 ignore_eos=True))
+    start = time.perf_counter()
+    engine.step()
+    seconds = time.perf_counter() - start
+    (blocks,) = held_blocks(llm).values()
+    while engine.has_unfinished_requests():
         engine.step()
-        if repeat:
-            seconds.append(time.perf_counter() - start)
-        blocks.extend(held_blocks(llm).values())
-        while engine.has_unfinished_requests():
-            engine.step()
-    return blocks[-1], statistics.median(seconds)
+    return blocks, seconds
+
+
+def _prefill(engines: dict[str, Any], settings: VLLMBenchSettings) -> dict[str, tuple[int, float]]:
+    """Per engine: (blocks after prefill, median prefill-step seconds), the engines interleaved
+    (same prompt in turn, two untimed warm-ups each) so drifting load on shared cores hits both alike."""
+    times: dict[str, list[float]] = {name: [] for name in engines}
+    blocks: dict[str, int] = {}
+    for repeat in range(settings.repeats + 2):
+        for name, llm in engines.items():
+            blocks[name], seconds = _prefill_step(llm, settings, f"prefill-{repeat}", 1000 + repeat)
+            if repeat >= 2:
+                times[name].append(seconds)
+    return {name: (blocks[name], statistics.median(times[name])) for name in engines}
 
 
 def _workload(llm: Any, settings: VLLMBenchSettings) -> tuple[int, float]:
@@ -122,21 +134,23 @@ def run_vllm_bench(settings: VLLMBenchSettings, model_dir: Path,
     full_blocks = math.ceil(max_len / BLOCK_SIZE)
     memory = (settings.full_capacity * full_blocks + 1) * _block_bytes(model_dir)  # +1: vLLM's null block
     config = CSPConfig(budget=settings.budget, window=settings.window)
-    raw: dict[str, dict[str, float]] = {}
+    engines = {}
     for name, csp in (("off", None), ("csp", config)):
         if progress:
             progress(f"engine {name}")
-        llm = make_llm(model_dir, csp, max_model_len=max_len, kv_cache_memory_bytes=memory, max_num_seqs=256)
-        try:
-            blocks, prefill_s = _prefill(llm, settings)
+        engines[name] = make_llm(model_dir, csp, max_model_len=max_len, kv_cache_memory_bytes=memory, max_num_seqs=256)
+    try:
+        prefill = _prefill(engines, settings)
+        raw: dict[str, dict[str, float]] = {}
+        for name, llm in engines.items():
             if progress:
                 progress(f"workload {name}")
             concurrent, tokens_per_s = _workload(llm, settings)
-        finally:
-            del llm
-            gc.collect()
-        raw[name] = {"blocks_per_request": blocks, "prefill_s": prefill_s, "max_concurrent": concurrent,
-                     "tokens_per_s": tokens_per_s}
+            raw[name] = {"blocks_per_request": prefill[name][0], "prefill_s": prefill[name][1],
+                         "max_concurrent": concurrent, "tokens_per_s": tokens_per_s}
+    finally:
+        engines.clear()
+        gc.collect()
     tag, off, csp_ = settings.tag, raw["off"], raw["csp"]
     result: dict[str, Any] = {
         f"vllm_blocks_per_request_ratio_{tag}": csp_["blocks_per_request"] / off["blocks_per_request"],
