@@ -7,6 +7,7 @@ block size 32 (the CPU kernel's smallest).
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -35,12 +36,7 @@ def prepared_model_dir(source: str | Path | None = None, target: str | Path | No
 
 def csp_entry(config: CSPConfig | None) -> dict[str, Any]:
     """``additional_config`` for ``config`` (``{}`` for CSP off): every field, as the plugin reads it."""
-    if config is None:
-        return {}
-    fields = {"budget": config.budget, "window": config.window, "cross_ratio": config.cross_ratio, "n": config.n,
-              "policy": config.policy, "sink_tokens": config.sink_tokens, "pool_kernel": config.pool_kernel,
-              "seed": config.seed}
-    return {"csp": fields}
+    return {} if config is None else {"csp": dataclasses.asdict(config)}
 
 
 def make_llm(model_dir: str | Path, config: CSPConfig | None, **overrides: Any) -> Any:

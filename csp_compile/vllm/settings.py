@@ -8,7 +8,7 @@ transformers path that have no vLLM meaning yet are refused: ``prefill_chunk`` a
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, NoReturn
 
 from csp_compile.config import CSPConfig
 
@@ -18,7 +18,7 @@ CONFIG_KEY = "csp"
 _UNSUPPORTED = {"prefill_chunk": None, "decode_budget": None}
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     raise ValueError(f"csp_compile.vllm: {message}")
 
 
@@ -38,7 +38,6 @@ def csp_config(additional_config: Mapping[str, Any] | None) -> CSPConfig | None:
         return CSPConfig().replace(**dict(raw))
     except ValueError as error:
         _fail(str(error))
-    raise AssertionError("unreachable")
 
 
 def check_engine(vllm_config: Any) -> CSPConfig | None:
