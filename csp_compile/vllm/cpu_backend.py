@@ -72,6 +72,8 @@ class CSPCPUMetadataBuilder(CPUAttentionMetadataBuilder):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:  # noqa: ANN001 (vLLM's signature)
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.csp = check_engine(vllm_config)
+        if self.window_size != -1:
+            self.csp = None  # sliding-window layers are not compacted (the impl leaves them alone too)
         self.batch = view_for(vllm_config)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
@@ -109,6 +111,8 @@ class CSPCPUAttentionImpl(CPUAttentionBackendImpl):
                                  output_scale, output_block_scale)
         if self.csp is None or not isinstance(attn_metadata, CSPCPUAttentionMetadata) or attn_metadata.csp_batch is None:
             return output
+        if attn_metadata.max_query_len < 2:
+            return output  # a decode-only step: no prompt to score
         starts = attn_metadata.query_start_loc.cpu().tolist()
         seq_lens = attn_metadata.seq_lens.cpu().tolist()
         for row, length in enumerate(seq_lens):
@@ -118,8 +122,9 @@ class CSPCPUAttentionImpl(CPUAttentionBackendImpl):
             plan = plan_eviction(length, self.csp, self.block_size)
             if plan.freed_blocks == 0:
                 continue
-            self._compact(layer, attn_metadata.csp_batch, attn_metadata.csp_req_ids[row], plan, query[start:start + length], key[start:start + length],
-                          value[start:start + length], kv_cache, attn_metadata.slot_mapping[start:start + length])
+            rows = slice(start, start + length)
+            self._compact(layer, attn_metadata.csp_batch, attn_metadata.csp_req_ids[row], plan, query[rows], key[rows],
+                          value[rows], kv_cache, attn_metadata.slot_mapping[rows])
         return output
 
     def _compact(self, layer, batch: BatchView, req_id: str, plan: EvictionPlan, query: torch.Tensor,  # noqa: ANN001
