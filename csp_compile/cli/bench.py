@@ -45,6 +45,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, metavar="N", help="timed prefills per variant (default 5; --quick 3)")
     parser.add_argument("--new-tokens", type=int, metavar="N",
                         help="tokens generated per decode run, the first 2 untimed (default 16; --quick 6)")
+    parser.add_argument("--engine", choices=("transformers", "vllm"), default="transformers",
+                        help="transformers (the compiled pass, default) or vllm (the csp_compile.vllm plugin on the "
+                             "shipped tiny VLM: blocks per request, concurrency, throughput and prefill ratios under "
+                             "one KV memory; run in the environment of scripts/install_vllm.sh; its defaults: --prompt "
+                             "2048 --new-tokens 256 --repeats 3, --quick: 1024 and 32)")
 
 
 def _device(name: str | None) -> str:
@@ -84,7 +89,24 @@ def _settings(args: argparse.Namespace):
                          threads=args.threads, quick=args.quick, **base)
 
 
+def _run_vllm(args: argparse.Namespace) -> int:
+    from csp_compile.vllm.cli import format_bench, run_bench
+
+    quick = dict(prompt=1024, new_tokens=32, repeats=2) if args.quick else {}
+    overrides = {**quick, "budget": args.budget, "repeats": args.repeats}
+    overrides.update({k: getattr(args, k) for k in ("prompt", "new_tokens") if getattr(args, k) is not None})
+    result = run_bench(None, overrides)
+    print(format_bench(result))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"\nwrote {args.json}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.engine == "vllm":
+        return _run_vllm(args)
     settings = _settings(args)
     from tqdm import tqdm
 

@@ -30,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, default=None, help="write the records as JSON here")
     parser.add_argument("--plot", type=Path, default=None, help="write accuracy against budget as PNG here")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--engine", choices=("transformers", "vllm"), default="transformers",
+                        help="transformers (optimize + generate, default) or vllm (the csp_compile.vllm plugin; run "
+                             "in the environment of scripts/install_vllm.sh; the lookup task's model only)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,22 +46,32 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size must be >= 1: got {args.batch_size}")
     base = CSPConfig() if args.window is None else CSPConfig(window=args.window)
     set_threads(args.threads)
-    model, source = load_model_or_fail(args.model)
-    evalset = eval_set_for(model, args.n, args.seed)
-    print(f"model: {source}\ndata: {evalset.description}")
     runs = 1 + len(budgets) * sum(spec.policy != "full" for spec in specs) * (1 + len(chunks))
-    with progress_bar(runs, "eval") as bar:
-        records = evaluate(model, evalset, specs, budgets, base, batch_size=args.batch_size,
-                           prefill_chunks=chunks, progress=lambda label: (bar.set_postfix_str(label), bar.update()))
+    if args.engine == "vllm":
+        if chunks:
+            raise ValueError("--prefill-chunk is not supported with --engine vllm")
+        from csp_compile.vllm.cli import run_eval
+
+        source, description, records = run_eval(args.model, args.n, args.seed, specs, budgets, base, runs)
+    else:
+        model, source = load_model_or_fail(args.model)
+        evalset = eval_set_for(model, args.n, args.seed)
+        description = evalset.description
+        print(f"model: {source}\ndata: {description}")
+        with progress_bar(runs, "eval") as bar:
+            records = evaluate(model, evalset, specs, budgets, base, batch_size=args.batch_size, prefill_chunks=chunks,
+                               progress=lambda label: (bar.set_postfix_str(label), bar.update()))
     print(format_table(records))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"model": source, "data": evalset.description, "window": base.window,
+        payload = {"model": source, "data": description, "window": base.window,
                    "kl_and_agreement_at": "first decode step (answer token 2, read from the pruned cache)",
                    "records": records}
+        if args.engine == "vllm":
+            payload["engine"] = "vllm"
         args.json.write_text(json.dumps(payload, indent=2) + "\n")
         print(f"wrote {args.json}")
     if args.plot:
-        plot_accuracy(records, args.plot, title=f"{source}: {evalset.description.split(' (')[0]}")
+        plot_accuracy(records, args.plot, title=f"{source}: {description.split(' (')[0]}")
         print(f"wrote {args.plot}")
     return 0

@@ -1,0 +1,166 @@
+"""``csp-compile bench --engine vllm``: what CSP buys inside vLLM's paged cache, as ratios.
+
+Two engines on the tiny VLM, one without and one with CSP, each with the same fixed
+``kv_cache_memory_bytes`` (room for ``full_capacity`` full-cache requests), fed the same long
+prompts (an image and ``prompt`` tokens in all). Figures (``bNN`` = budget in percent):
+
+- ``vllm_blocks_per_request_ratio_bNN``: KV blocks one request holds right after its prefill step.
+- ``vllm_max_concurrent_ratio_bNN``: most requests the scheduler runs at once on ``requests``
+  requests of ``new_tokens`` output tokens each.
+- ``vllm_throughput_ratio_bNN``: output tokens per second on that workload.
+- ``vllm_prefill_overhead_bNN``: wall time of one request's prefill step (median of ``repeats``,
+  the two engines interleaved).
+
+Each as CSP / off, with the raw values beside them. The engine core runs in this process (the
+scheduler is read between steps).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import random
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from csp_compile.config import CSPConfig
+from csp_compile.data.lookup import IMAGE_TOKENS, NUM_FILLERS, VOCAB, render_glyph
+from csp_compile.vllm.engine import BLOCK_SIZE, held_blocks, make_llm, scheduler_of
+
+__all__ = ["VLLMBenchSettings", "long_prompt", "run_vllm_bench"]
+
+
+@dataclass(frozen=True)
+class VLLMBenchSettings:
+    """prompt: tokens per prompt (image included); budget / window: CSP's; requests and new_tokens:
+    the concurrency workload; full_capacity: full-cache requests the KV memory holds; repeats: timed prefills."""
+
+    prompt: int = 2048
+    budget: float = 0.2
+    window: int = 8
+    requests: int = 40
+    new_tokens: int = 256
+    full_capacity: int = 8
+    repeats: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("prompt", "window", "requests", "new_tokens", "full_capacity", "repeats"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"VLLMBenchSettings.{name}={getattr(self, name)!r}: allowed an int >= 1")
+        if self.prompt < IMAGE_TOKENS + 3:
+            raise ValueError(f"VLLMBenchSettings.prompt={self.prompt}: allowed >= {IMAGE_TOKENS + 3} (an image is "
+                             f"{IMAGE_TOKENS} tokens)")
+        if not 0.0 < self.budget < 1.0:
+            raise ValueError(f"VLLMBenchSettings.budget={self.budget}: allowed a fraction in (0, 1)")
+
+    @property
+    def tag(self) -> str:
+        return f"b{round(self.budget * 100):02d}"
+
+
+def long_prompt(length: int, seed: int) -> dict[str, Any]:
+    """A vLLM prompt of ``length`` tokens once its image placeholder is expanded: ``<bos> <image>
+    body ?`` with a random body of the task's filler and record tokens, and a rendered glyph."""
+    rng = random.Random(seed)
+    body = [rng.choice([VOCAB.filler(rng.randrange(NUM_FILLERS)), VOCAB.a_record(rng.randrange(32), rng.randrange(16))])
+            for _ in range(length - IMAGE_TOKENS - 2)]
+    image = render_glyph(rng.randrange(32), rng).permute(1, 2, 0).contiguous().numpy()
+    return {"prompt_token_ids": [VOCAB.bos, VOCAB.image, *body, VOCAB.query], "multi_modal_data": {"image": image}}
+
+
+def _block_bytes(model_dir: Path) -> int:
+    text = json.loads((model_dir / "config.json").read_text())["text_config"]
+    head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
+    return 2 * text["num_hidden_layers"] * text["num_key_value_heads"] * head_dim * BLOCK_SIZE * 4  # K and V, fp32
+
+
+def _prefill_step(llm: Any, settings: VLLMBenchSettings, name: str, seed: int) -> tuple[int, float]:
+    """(blocks one request holds after its prefill step, seconds of that step); runs it to the end."""
+    from vllm import SamplingParams
+
+    engine = llm.llm_engine
+    engine.add_request(name, long_prompt(settings.prompt, seed), SamplingParams(max_tokens=2, temperature=0.0,
+                                                                                 ignore_eos=True))
+    start = time.perf_counter()
+    engine.step()
+    seconds = time.perf_counter() - start
+    (blocks,) = held_blocks(llm).values()
+    while engine.has_unfinished_requests():
+        engine.step()
+    return blocks, seconds
+
+
+def _prefill(engines: dict[str, Any], settings: VLLMBenchSettings) -> dict[str, tuple[int, float]]:
+    """Per engine: (blocks after prefill, median prefill-step seconds), the engines interleaved
+    (same prompt in turn, two untimed warm-ups each) so drifting load on shared cores hits both alike."""
+    times: dict[str, list[float]] = {name: [] for name in engines}
+    blocks: dict[str, int] = {}
+    for repeat in range(settings.repeats + 2):
+        for name, llm in engines.items():
+            blocks[name], seconds = _prefill_step(llm, settings, f"prefill-{repeat}", 1000 + repeat)
+            if repeat >= 2:
+                times[name].append(seconds)
+    return {name: (blocks[name], statistics.median(times[name])) for name in engines}
+
+
+def _workload(llm: Any, settings: VLLMBenchSettings) -> tuple[int, float]:
+    """(most requests running at once, output tokens per second) on the concurrency workload."""
+    from vllm import SamplingParams
+
+    engine, scheduler = llm.llm_engine, scheduler_of(llm)
+    params = SamplingParams(max_tokens=settings.new_tokens, temperature=0.0, ignore_eos=True)
+    for i in range(settings.requests):
+        engine.add_request(f"load-{i}", long_prompt(settings.prompt, i), params)
+    most, produced, start = 0, 0, time.perf_counter()
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            produced += len(output.outputs[0].token_ids) if output.finished else 0
+        most = max(most, len(scheduler.running))
+    return most, produced / (time.perf_counter() - start)
+
+
+def run_vllm_bench(settings: VLLMBenchSettings, model_dir: Path,
+                   progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """The flat result (see the module docstring)."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    max_len = settings.prompt + settings.new_tokens
+    if max_len > 1024:
+        os.environ.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")  # the tiny VLM was trained to 1024 positions
+    full_blocks = math.ceil(max_len / BLOCK_SIZE)
+    memory = (settings.full_capacity * full_blocks + 1) * _block_bytes(model_dir)  # +1: vLLM's null block
+    config = CSPConfig(budget=settings.budget, window=settings.window)
+    engines = {}
+    for name, csp in (("off", None), ("csp", config)):
+        if progress:
+            progress(f"engine {name}")
+        engines[name] = make_llm(model_dir, csp, max_model_len=max_len, kv_cache_memory_bytes=memory, max_num_seqs=256)
+    try:
+        prefill = _prefill(engines, settings)
+        raw: dict[str, dict[str, float]] = {}
+        for name, llm in engines.items():
+            if progress:
+                progress(f"workload {name}")
+            concurrent, tokens_per_s = _workload(llm, settings)
+            raw[name] = {"blocks_per_request": prefill[name][0], "prefill_s": prefill[name][1],
+                         "max_concurrent": concurrent, "tokens_per_s": tokens_per_s}
+    finally:
+        engines.clear()
+        gc.collect()
+    tag, off, csp_ = settings.tag, raw["off"], raw["csp"]
+    result: dict[str, Any] = {
+        f"vllm_blocks_per_request_ratio_{tag}": csp_["blocks_per_request"] / off["blocks_per_request"],
+        f"vllm_max_concurrent_ratio_{tag}": csp_["max_concurrent"] / off["max_concurrent"],
+        f"vllm_throughput_ratio_{tag}": csp_["tokens_per_s"] / off["tokens_per_s"],
+        f"vllm_prefill_overhead_{tag}": csp_["prefill_s"] / off["prefill_s"],
+    }
+    for name, values in raw.items():
+        result.update({f"vllm_{key}_{name}": value for key, value in values.items()})
+    result.update({"vllm_prompt_tokens": settings.prompt, "vllm_new_tokens": settings.new_tokens,
+                   "vllm_requests": settings.requests, "vllm_kv_cache_memory_bytes": memory,
+                   "vllm_block_size": BLOCK_SIZE, "vllm_budget": settings.budget, "vllm_window": settings.window})
+    return result

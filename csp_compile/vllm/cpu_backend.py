@@ -1,0 +1,161 @@
+"""vLLM's CPU attention backend with CSP: score at the prompt's prefill step, compact, shift tables.
+
+At a step that prefills a whole request from scratch (query length == sequence length), each
+decoder attention layer first runs vLLM's own attention (the prompt attends to all of itself),
+then scores the request's window with ``select_kept`` (the project's reference selection, on the
+step's post-RoPE Q/K) at the budget ``layout.plan_eviction`` rounds to whole blocks, and writes the
+kept K/V of every KV head, in ascending original position, into the slots of the prompt's last
+``kept`` logical positions with vLLM's ``cpu_attn_reshape_and_cache``. The first
+``freed_blocks`` blocks then hold nothing anyone reads; ``scheduler_hook`` frees them and, at every
+later step, the metadata builder drops them from the row's block table and ``seq_lens``.
+Positions stay logical: vLLM derives them from ``num_computed_tokens``.
+
+A GPU backend is wrapped the same way: the kept K/V go through that backend's own cache-write op
+(``reshape_and_cache_flash`` for FlashAttention) and the builder shifts its block table and
+``seq_lens`` before the backend builds its metadata (CUDA-graph buffers are copied into, not replaced).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from vllm import _custom_ops as ops
+from vllm.config import get_current_vllm_config
+from vllm.v1.attention.backend import AttentionType, CommonAttentionMetadata
+from vllm.v1.attention.backends.cpu_attn import (
+    CPUAttentionBackend,
+    CPUAttentionBackendImpl,
+    CPUAttentionMetadata,
+    CPUAttentionMetadataBuilder,
+)
+
+from csp_compile.config import CSPConfig
+from csp_compile.selection import select_kept
+from csp_compile.vllm.batch import RECORDER, BatchView, view_for
+from csp_compile.vllm.layout import EvictionPlan, plan_eviction
+from csp_compile.vllm.modality import modality_ids
+from csp_compile.vllm.settings import check_engine
+
+__all__ = ["CSPCPUAttentionBackend", "CSPCPUAttentionImpl", "CSPCPUAttentionMetadata", "CSPCPUMetadataBuilder",
+           "shift_rows"]
+
+
+@dataclasses.dataclass
+class CSPCPUAttentionMetadata(CPUAttentionMetadata):
+    """vLLM's CPU metadata plus what the impl needs to compact: the engine's batch view and the
+    request id of each row (None when CSP is off)."""
+
+    csp_batch: BatchView | None = None
+    csp_req_ids: list[str] | None = None
+
+
+def shift_rows(common: CommonAttentionMetadata, offsets: torch.Tensor, block_size: int) -> CommonAttentionMetadata:
+    """``common`` with each row's first ``offsets[row] / block_size`` blocks dropped from its block
+    table and ``offsets[row]`` tokens from its ``seq_lens`` (new tensors; vLLM's are not modified)."""
+    if bool((offsets % block_size).any()):
+        raise AssertionError(f"evicted token counts {offsets.tolist()} are not whole blocks of {block_size}")
+    rows = offsets.shape[0]
+    table = common.block_table_tensor
+    columns = torch.arange(table.shape[1], device=table.device)
+    source = (columns[None, :] + (offsets // block_size).to(table.device)[:, None]).clamp(max=table.shape[1] - 1)
+    shifted = torch.cat([table[:rows].gather(1, source.long()), table[rows:]])
+    seq_lens = common.seq_lens.clone()
+    seq_lens[:rows] -= offsets.to(seq_lens.device, seq_lens.dtype)
+    return dataclasses.replace(common, block_table_tensor=shifted, seq_lens=seq_lens)
+
+
+class CSPCPUMetadataBuilder(CPUAttentionMetadataBuilder):
+    """CPU metadata builder that hides each request's freed leading blocks (CSP on), else vLLM's."""
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:  # noqa: ANN001 (vLLM's signature)
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.csp = check_engine(vllm_config)
+        if self.window_size != -1:
+            self.csp = None  # sliding-window layers are not compacted (the impl leaves them alone too)
+        self.batch = view_for(vllm_config)
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> CPUAttentionMetadata:
+        if self.csp is None or self.is_encoder_only_attention or self.is_cross_attention:
+            return super().build(common_prefix_len, common_attn_metadata, fast_build)
+        common = common_attn_metadata
+        rows = common.num_reqs
+        starts = common.query_start_loc_cpu[: rows + 1]
+        fresh = (starts[1:] - starts[:-1]) == common.seq_lens[:rows].cpu()
+        req_ids = self.batch.req_ids(rows)
+        offsets = self.batch.offsets(req_ids, fresh)
+        if offsets is not None:
+            common = shift_rows(common, offsets, self.block_size)
+        built = super().build(common_prefix_len, common, fast_build)
+        fields = {f.name: getattr(built, f.name) for f in dataclasses.fields(CPUAttentionMetadata)}
+        return CSPCPUAttentionMetadata(**fields, csp_batch=self.batch, csp_req_ids=req_ids)
+
+
+class CSPCPUAttentionImpl(CPUAttentionBackendImpl):
+    """CPU attention that, with CSP on, compacts each fully prefilled request's K/V after attending."""
+
+    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003 (vLLM's signature)
+        super().__init__(*args, **kwargs)
+        vllm_config = get_current_vllm_config()
+        self.csp: CSPConfig | None = check_engine(vllm_config)
+        self.block_size = vllm_config.cache_config.block_size
+        if self.attn_type != AttentionType.DECODER or self.kv_sharing_target_layer_name is not None or \
+                self.sliding_window != -1:
+            self.csp = None  # only full-attention decoder layers that own their cache are pruned
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,  # noqa: ANN001
+                output_scale=None, output_block_scale=None) -> torch.Tensor:  # noqa: ANN001
+        output = super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
+                                 output_scale, output_block_scale)
+        if self.csp is None or not isinstance(attn_metadata, CSPCPUAttentionMetadata) or attn_metadata.csp_batch is None:
+            return output
+        if attn_metadata.max_query_len < 2:
+            return output  # a decode-only step: no prompt to score
+        starts = attn_metadata.query_start_loc.cpu().tolist()
+        seq_lens = attn_metadata.seq_lens.cpu().tolist()
+        for row, length in enumerate(seq_lens):
+            start = starts[row]
+            if starts[row + 1] - start != length or length < 2:
+                continue  # not a from-scratch prefill of the whole request
+            plan = plan_eviction(length, self.csp, self.block_size)
+            if plan.freed_blocks == 0:
+                continue
+            rows = slice(start, start + length)
+            self._compact(layer, attn_metadata.csp_batch, attn_metadata.csp_req_ids[row], plan, query[rows], key[rows],
+                          value[rows], kv_cache, attn_metadata.slot_mapping[rows])
+        return output
+
+    def _compact(self, layer, batch: BatchView, req_id: str, plan: EvictionPlan, query: torch.Tensor,  # noqa: ANN001
+                 key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slots: torch.Tensor) -> None:
+        """Select ``plan.kept`` tokens per KV head and write them into ``slots[-kept:]``."""
+        length, kept = plan.length, plan.kept
+        modality = modality_ids(batch.request(req_id).mm_features, length)
+        q = query.permute(1, 0, 2)[None]  # (1, hq, L, D)
+        k = key.permute(1, 0, 2)[None]  # (1, hkv, L, D)
+        selection = select_kept(q, k, modality[None], self.csp.replace(budget=kept), scale=self.scale)
+        index = selection.indices[0]  # (hkv, kept) ascending
+        gather = index[..., None].expand(-1, -1, key.shape[-1])
+        kept_key = k[0].gather(1, gather).permute(1, 0, 2).contiguous()  # (kept, hkv, D)
+        kept_value = value.permute(1, 0, 2).gather(1, gather).permute(1, 0, 2).contiguous()
+        num_blocks, num_kv_heads, block_size, _ = kv_cache.size()
+        key_cache, value_cache = kv_cache.view((num_blocks, num_kv_heads, block_size * 2, -1)).chunk(2, dim=2)
+        ops.cpu_attn_reshape_and_cache(kept_key, kept_value, key_cache, value_cache, slots[length - kept:],
+                                       layer.isa, k_scale=layer._k_scale_float, v_scale=layer._v_scale_float,
+                                       kv_cache_dtype=self.kv_cache_dtype)
+        batch.evicted_tokens[req_id] = plan.evicted_tokens
+        for record in RECORDER:
+            record(layer.layer_name, req_id, query, key, value, modality, plan, selection, slots[length - kept:])
+
+
+class CSPCPUAttentionBackend(CPUAttentionBackend):
+    """``CPU_ATTN`` with CSP (registered over vLLM's by ``csp_compile.vllm.plugin``)."""
+
+    @staticmethod
+    def get_impl_cls() -> type[CSPCPUAttentionImpl]:
+        return CSPCPUAttentionImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[CSPCPUMetadataBuilder]:
+        return CSPCPUMetadataBuilder

@@ -1,0 +1,61 @@
+"""What ``additional_config={"csp": {...}}`` means, and which engine settings CSP needs.
+
+The ``"csp"`` mapping holds ``CSPConfig`` fields (validated by ``CSPConfig`` itself). Fields of the
+transformers path that have no vLLM meaning yet are refused: ``prefill_chunk`` and
+``decode_budget`` (chunked and decode-time re-selection), ``on_new_turn`` other than the default
+(a vLLM request is one turn).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, NoReturn
+
+from csp_compile.config import CSPConfig
+
+__all__ = ["CONFIG_KEY", "check_engine", "csp_config"]
+
+CONFIG_KEY = "csp"
+_UNSUPPORTED = {"prefill_chunk": None, "decode_budget": None}
+
+
+def _fail(message: str) -> NoReturn:
+    raise ValueError(f"csp_compile.vllm: {message}")
+
+
+def csp_config(additional_config: Mapping[str, Any] | None) -> CSPConfig | None:
+    """The CSPConfig of ``additional_config["csp"]``, or None when CSP is off (no such key).
+    ValueError (one line) when the entry is not a mapping, names an unknown field or an
+    invalid value, or sets a field the vLLM plugin does not support."""
+    if not additional_config or CONFIG_KEY not in additional_config:
+        return None
+    raw = additional_config[CONFIG_KEY]
+    if not isinstance(raw, Mapping):
+        _fail(f'additional_config["{CONFIG_KEY}"] must be a mapping of CSPConfig fields: got {type(raw).__name__}')
+    for name, off in _UNSUPPORTED.items():
+        if raw.get(name, off) != off:
+            _fail(f"CSPConfig.{name}={raw[name]!r} is not supported in vLLM yet: leave it unset")
+    try:
+        return CSPConfig().replace(**dict(raw))
+    except ValueError as error:
+        _fail(str(error))
+
+
+def check_engine(vllm_config: Any) -> CSPConfig | None:
+    """The engine's CSPConfig (None when CSP is off) after checking that the engine can run it:
+    prefix caching off (compacted blocks must never be served as another request's prefix),
+    chunked prefill off (a prompt is scored in the step that prefills all of it), no speculative
+    decoding, one worker. ValueError names the setting to change."""
+    config = csp_config(getattr(vllm_config, "additional_config", None))
+    if config is None:
+        return None
+    if vllm_config.cache_config.enable_prefix_caching:
+        _fail("CSP needs enable_prefix_caching=False (compacted blocks must not be shared as a prefix)")
+    if vllm_config.scheduler_config.enable_chunked_prefill:
+        _fail("CSP needs enable_chunked_prefill=False (a prompt is scored in the step that prefills all of it; "
+              "prompts longer than max_num_batched_tokens are then refused by vLLM)")
+    if vllm_config.speculative_config is not None:
+        _fail("CSP does not support speculative decoding yet")
+    parallel = vllm_config.parallel_config
+    if parallel.tensor_parallel_size * parallel.pipeline_parallel_size * parallel.data_parallel_size != 1:
+        _fail("CSP is tested with one worker only: set tensor/pipeline/data parallel sizes to 1")
+    return config
