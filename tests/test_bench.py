@@ -13,6 +13,8 @@ import pytest
 from csp_compile import cli
 from csp_compile.bench import FIGURES, TARGETS
 
+pytestmark = pytest.mark.slow  # compiles whole models: `pytest -m "not slow"` skips this module
+
 SETUP_KEYS = (
     "model", "family", "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
     "vocab_size", "parameters_total", "parameters_language_model", "prompt_tokens", "long_prompt_tokens",

@@ -18,6 +18,7 @@ from csp_compile.policies import available_policies
 
 
 
+@pytest.mark.slow
 def test_eval_writes_records_json_and_plot(task_model_dir, tmp_path, capsys):
     out, plot = tmp_path / "eval.json", tmp_path / "eval.png"
     code = main(["eval", "--model", str(task_model_dir), "--policies", "csp,random", "--budgets", "0.2",
@@ -28,15 +29,17 @@ def test_eval_writes_records_json_and_plot(task_model_dir, tmp_path, capsys):
     assert [(r["policy"], r["budget"]) for r in records] == [("full", 1.0), ("csp", 0.2), ("random", 0.2)]
     for record in records:
         assert set(record) >= {"policy", "budget", "accuracy", "kl", "top1_agreement", "kept_fraction"}
-        assert 0.0 <= record["accuracy"] <= 1.0 and record["kl"] >= 0.0 and record["n"] == 4
+        assert 0.0 <= record["accuracy"] <= 1.0 and record["n"] == 4
     full = records[0]
     assert full["kl"] == 0.0 and full["top1_agreement"] == 1.0 and full["kept_fraction"] == 1.0
+    assert records[2]["kl"] > 0.0  # random eviction of 80% of the prompt changes the answer distribution
     for record in records[1:]:
         assert abs(record["kept_fraction"] - 0.2) < 0.01 and abs(record["kv_bytes_ratio"] - 0.2) < 0.01
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "policy" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_demo_and_show_kept_run(task_model_dir, tmp_path, capsys):
     assert main(["demo", "--model", str(task_model_dir), "--n", "2", "--threads", "1"]) == 0
     out = capsys.readouterr().out
@@ -232,6 +235,7 @@ def test_missing_shipped_model_says_how_to_get_one(monkeypatch, tmp_path, capsys
     assert "train_tiny_vlm.py" in err and "--model" in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_eval_on_another_family_measures_agreement_not_accuracy(tmp_path, capsys):
     from csp_compile.testing import build_tiny_vlm
 

@@ -16,6 +16,8 @@ from conversation_turns import image_turn, text_turn
 from eager_oracle import evicting_generate
 from recompile_guard import FailOnRecompileFrom
 
+pytestmark = pytest.mark.slow  # compiles whole models: `pytest -m "not slow"` skips this module
+
 NEW_TOKENS = 4
 
 

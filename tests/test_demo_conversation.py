@@ -18,8 +18,8 @@ from csp_compile.evaluation.conversation import (
 )
 from csp_compile.evaluation.eval_set import ANSWER_TOKENS
 
-pytestmark = pytest.mark.skipif(not (SHIPPED_MODEL_DIR / "config.json").is_file(),
-                                reason="no tiny VLM shipped in this checkout")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not (SHIPPED_MODEL_DIR / "config.json").is_file(),
+                                reason="no tiny VLM shipped in this checkout")]
 
 PROMPTS = 3
 NEW_TOKENS = 1 + CHATTER + 1 + (ANSWER_TOKENS - 1)  # turn 1's last answer token, chatter, "?", turn 2's decoded

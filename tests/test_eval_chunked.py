@@ -8,6 +8,8 @@ import pytest
 from csp_compile.cli import main
 from csp_compile.evaluation import parse_prefill_chunks
 
+pytestmark = pytest.mark.slow  # compiles whole models: `pytest -m "not slow"` skips this module
+
 ONE_SHOT_KEYS = {"policy", "budget", "accuracy", "kl", "top1_agreement", "kept_fraction", "kv_bytes_ratio", "n"}
 
 
@@ -27,7 +29,8 @@ def test_chunked_rows_follow_each_one_shot_row(task_model_dir, tmp_path, capsys)
     for chunked in (chunk16, whole):  # the same B of the real prompt tokens is left at the end
         assert chunked["kept_fraction"] == pytest.approx(one_shot["kept_fraction"], rel=1e-6)
         assert chunked["kv_bytes_ratio"] == pytest.approx(one_shot["kv_bytes_ratio"], rel=1e-6)
-        assert chunked["kl"] >= 0.0 and 0.0 <= chunked["accuracy"] <= 1.0
+        assert 0.0 <= chunked["accuracy"] <= 1.0
+    assert chunk16["kl"] > 0.0  # evicting after every chunk of 16 changes the answer distribution
     assert chunk16["kl"] != one_shot["kl"]  # the chunking was applied ...
     for metric in ("accuracy", "kl", "top1_agreement"):  # ... and a chunk longer than the prompt is one-shot
         assert whole[metric] == pytest.approx(one_shot[metric], rel=1e-4, abs=1e-6)

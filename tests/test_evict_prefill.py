@@ -1,12 +1,15 @@
 """The prefill rewrite on a toy graph: attention over an empty-cache cat becomes the op, the cache
 outputs become the pruned K/V, and nothing else in the graph changes."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from csp_compile import CSPConfig
 from csp_compile.backend import CSPBackend, CSPState
+
+pytestmark = pytest.mark.slow  # compiles whole models: `pytest -m "not slow"` skips this module
 
 
 class Attention(nn.Module):

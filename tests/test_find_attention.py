@@ -12,6 +12,8 @@ from torch import fx, nn
 from csp_compile.passes.find_attention import AttentionMatch, find_attention
 from csp_compile.testing import FAMILIES, build_tiny_vlm, make_inputs
 
+pytestmark = pytest.mark.slow  # compiles whole models: `pytest -m "not slow"` skips this module
+
 IMPLS = ("sdpa", "eager")
 
 

@@ -192,6 +192,7 @@ def float_buffers(code):
     return [tuple(int(d) for d in shape.split(",") if d.strip()) for shape, _ in found]
 
 
+@pytest.mark.slow
 def test_compiled_prefill_scores_in_inductor_kernels_and_no_l_by_l_buffer():
     """torchao style: in the generated code of an optimised model's prefill, the attention is the one
     opaque op (``csp.attention``); the window scores are Inductor's own (a bmm of the (b, hq, W, L) =

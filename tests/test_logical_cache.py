@@ -13,6 +13,8 @@ from transformers.masking_utils import create_causal_mask
 from csp_compile.cache import LogicalLayer, SlotMap, TokenLog, adopt_logical_layers, offset_attention_mask
 from csp_compile.testing import build_tiny_vlm
 
+pytestmark = pytest.mark.slow  # compiles whole models: `pytest -m "not slow"` skips this module
+
 
 def pruned_cache(config, batch=2, physical=5, logical=12, heads=2, dim=4):
     cache = DynamicCache(config=config)

@@ -10,6 +10,8 @@ import csp_compile
 from csp_compile.testing import build_tiny_vlm, make_inputs
 from conversation_turns import image_turn, one_shot
 
+pytestmark = pytest.mark.slow  # compiles whole models: `pytest -m "not slow"` skips this module
+
 NEW_TOKENS = 4
 
 

@@ -200,6 +200,7 @@ def test_config_round_trip():
         assert type(config_from_op_arg(config_to_op_arg(config)).budget) is type(config.budget)
 
 
+@pytest.mark.slow
 def test_layer_inside_inductor_static_and_dynamic():
     """Attention + traced selection + gathers inside torch.compile(backend="inductor"): a static-shape
     graph, and a dynamic-L graph whose P is the symbolic contract budget (one compile for every length)."""

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -16,6 +18,7 @@ def test_ci_runs_the_readme_install_and_test_commands():
     assert 'pip install -e ".[dev]" || exit 1\npytest -q' in ci
 
 
+@pytest.mark.slow
 def test_main_example_runs():
     result = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "optimize_tiny_llava.py"), "--text-len", "40", "--new-tokens", "3"],
@@ -28,6 +31,7 @@ def test_main_example_runs():
     assert 0.15 <= ratio <= 0.3
 
 
+@pytest.mark.slow
 def test_selection_example_runs():
     result = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "inspect_selection.py"), "--budget", "0.25"],
@@ -40,6 +44,7 @@ def test_selection_example_runs():
     assert all(0.2 <= float(values[0]) <= 0.3 for name, values in rows.items() if name != "full")
 
 
+@pytest.mark.slow
 def test_decode_eviction_example_runs():
     result = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "decode_eviction_drill.py"), "--n", "4", "--configs", "budget=1.0",

@@ -27,6 +27,7 @@ def test_full_cache_answers_the_held_out_lookup():
     assert accuracy >= 0.95
 
 
+@pytest.mark.slow
 def test_demo_command_runs():
     result = subprocess.run([sys.executable, "-m", "csp_compile", "demo", "--n", "4"], capture_output=True, text=True,
                             timeout=600)

@@ -13,6 +13,8 @@ import torch
 import csp_compile
 from csp_compile.testing import build_tiny_vlm, make_inputs
 
+pytestmark = pytest.mark.slow  # compiles whole models: `pytest -m "not slow"` skips this module
+
 
 def generate(model, inputs, **kwargs):
     with torch.no_grad():
