@@ -19,7 +19,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import csp_compile
 from csp_compile.modality import IMAGE, TEXT, modality_ids
-from csp_compile.testing import FAMILIES, build_tiny_vlm, make_inputs
+from csp_compile.tiny_vlms import FAMILIES, build_tiny_vlm, make_inputs
 
 RECORDER = "csp_example_recorder"
 

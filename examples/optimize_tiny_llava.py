@@ -16,7 +16,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 import csp_compile
-from csp_compile.testing import build_tiny_vlm, make_inputs
+from csp_compile.tiny_vlms import build_tiny_vlm, make_inputs
 
 
 class CacheBytesAfterPrefill(LogitsProcessor):

@@ -3,7 +3,7 @@ what transformers needs to continue each family from a cache."""
 
 import torch
 
-from csp_compile.testing import make_inputs
+from csp_compile.tiny_vlms import make_inputs
 
 TYPE_IDS = ("token_type_ids", "mm_token_type_ids")
 

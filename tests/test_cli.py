@@ -237,7 +237,7 @@ def test_missing_shipped_model_says_how_to_get_one(monkeypatch, tmp_path, capsys
 
 @pytest.mark.slow
 def test_eval_on_another_family_measures_agreement_not_accuracy(tmp_path, capsys):
-    from csp_compile.testing import build_tiny_vlm
+    from csp_compile.tiny_vlms import build_tiny_vlm
 
     build_tiny_vlm("qwen2_vl").save_pretrained(tmp_path / "qwen2_vl")
     out = tmp_path / "eval.json"

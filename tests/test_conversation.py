@@ -9,8 +9,7 @@ from transformers import LogitsProcessorList
 
 import csp_compile
 from csp_compile import CSPConfig, resolve_budget
-from csp_compile.testing import FAMILIES, build_tiny_vlm, make_inputs
-from csp_compile.testing.tiny_vlms import EOS
+from csp_compile.tiny_vlms import EOS, FAMILIES, build_tiny_vlm, make_inputs
 from conversation_oracle import chunked_generate, second_turn
 from conversation_turns import image_turn, text_turn
 from eager_oracle import evicting_generate

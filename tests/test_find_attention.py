@@ -10,7 +10,7 @@ import torch._dynamo
 from torch import fx, nn
 
 from csp_compile.passes.find_attention import AttentionMatch, find_attention
-from csp_compile.testing import FAMILIES, build_tiny_vlm, make_inputs
+from csp_compile.tiny_vlms import FAMILIES, build_tiny_vlm, make_inputs
 
 pytestmark = pytest.mark.slow  # compiles whole models: `pytest -m "not slow"` skips this module
 

@@ -18,7 +18,7 @@ from csp_compile.ops import attention_with_lse
 from csp_compile.policies import get_policy
 from csp_compile.selection import left_aligned, make_attention_inputs
 from csp_compile.templates import choose_scoring, kept_slots, naive_scores, prefill_selection
-from csp_compile.testing import build_tiny_vlm, make_inputs
+from csp_compile.tiny_vlms import build_tiny_vlm, make_inputs
 
 MASKS = ("causal", "bool", "additive", "prefix", "bidirectional")
 

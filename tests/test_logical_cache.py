@@ -11,7 +11,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingW
 from transformers.masking_utils import create_causal_mask
 
 from csp_compile.cache import LogicalLayer, SlotMap, TokenLog, adopt_logical_layers, offset_attention_mask
-from csp_compile.testing import build_tiny_vlm
+from csp_compile.tiny_vlms import build_tiny_vlm
 
 pytestmark = pytest.mark.slow  # compiles whole models: `pytest -m "not slow"` skips this module
 

@@ -18,7 +18,7 @@ from csp_compile.modality import (
     register_modality,
     spec_for,
 )
-from csp_compile.testing import FAMILIES, build_tiny_vlm, make_inputs
+from csp_compile.tiny_vlms import FAMILIES, build_tiny_vlm, make_inputs
 
 PAD_LEFT = [0, 3]
 TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import csp_compile
-from csp_compile.testing import build_tiny_vlm, make_inputs
+from csp_compile.tiny_vlms import build_tiny_vlm, make_inputs
 from conversation_turns import image_turn, one_shot
 
 pytestmark = pytest.mark.slow  # compiles whole models: `pytest -m "not slow"` skips this module

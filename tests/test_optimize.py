@@ -12,7 +12,7 @@ import csp_compile
 from csp_compile import CSPConfig, resolve_budget
 from csp_compile.backend import CSPState
 from csp_compile.modality import ModalityUnavailableError
-from csp_compile.testing import FAMILIES, build_tiny_vlm, make_inputs
+from csp_compile.tiny_vlms import FAMILIES, build_tiny_vlm, make_inputs
 from eager_oracle import evicting_generate
 from recompile_guard import FailOnRecompileFrom
 

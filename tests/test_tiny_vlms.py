@@ -5,7 +5,7 @@ from functools import lru_cache
 import pytest
 import torch
 
-from csp_compile.testing import FAMILIES, build_tiny_vlm, family_of, make_inputs
+from csp_compile.tiny_vlms import FAMILIES, build_tiny_vlm, family_of, make_inputs
 
 TYPE_ID_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
 

@@ -18,8 +18,7 @@ from dataclasses import asdict, dataclass
 import torch
 from transformers import PreTrainedModel
 
-from csp_compile.testing import build_tiny_vlm
-from csp_compile.testing.tiny_vlms import _FIRST_TEXT_ID, _RESERVED_TOP, BOS
+from csp_compile.tiny_vlms import BOS, FIRST_TEXT_ID, RESERVED_TOP, build_tiny_vlm
 
 __all__ = ["BENCH_SHAPE", "QUICK_SHAPE", "ModelShape", "bench_inputs", "build_bench_model", "decode_weight_bytes",
            "image_share_of", "padded_pair", "parameter_count"]
@@ -91,7 +90,7 @@ def bench_inputs(model: PreTrainedModel, length: int, *, image_share: float = 0.
     vocab = cfg.get_text_config().vocab_size
     ids = [BOS]
     for n_text, n_img in zip(text_in, images_in + [0]):
-        ids += torch.randint(_FIRST_TEXT_ID, vocab - _RESERVED_TOP, (n_text,), generator=gen).tolist()
+        ids += torch.randint(FIRST_TEXT_ID, vocab - RESERVED_TOP, (n_text,), generator=gen).tolist()
         ids += [cfg.image_token_id] * (n_img * per_image)
     input_ids = torch.tensor([ids], device=device)
     inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}

@@ -53,7 +53,7 @@ def task_eval_set(n: int, seed: int = 0) -> EvalSet:
 def synthetic_eval_set(model: PreTrainedModel, n: int, text_len: int = 192) -> EvalSet:
     """Random-token prompts with one image for a model that has no task data: agreement with
     the full cache is measurable, accuracy is not."""
-    from csp_compile.testing.tiny_vlms import make_inputs
+    from csp_compile.tiny_vlms import make_inputs
 
     inputs = make_inputs(model, batch=n, text_len=text_len)
     return EvalSet(

@@ -5,7 +5,7 @@ Every family is built from a config (no hub access needed) with a small but real
 lays out a prompt the way the family's processor would: image placeholder tokens expanded to the
 exact feature count, wrapper tokens, type ids, pixel tensors and optional left padding.
 
-Token ids: 0 = pad, 1 = bos, 2 = eos; the top `_RESERVED_TOP` ids of the vocabulary hold the
+Token ids: 0 = pad, 1 = bos, 2 = eos; the top `RESERVED_TOP` ids of the vocabulary hold the
 family's special tokens (image = vocab - 1, video = vocab - 2, then wrappers); random text tokens
 are drawn from the ids in between.
 """
@@ -19,9 +19,11 @@ import torch
 import transformers
 from transformers import PreTrainedConfig, PreTrainedModel
 
+__all__ = ["BOS", "EOS", "FAMILIES", "FIRST_TEXT_ID", "PAD", "RESERVED_TOP", "build_tiny_vlm", "family_of", "make_inputs"]
+
 PAD, BOS, EOS = 0, 1, 2
-_FIRST_TEXT_ID = 4
-_RESERVED_TOP = 16
+FIRST_TEXT_ID = 4
+RESERVED_TOP = 16
 
 _TEXT_DEFAULTS: dict = dict(
     vocab_size=512,
@@ -381,7 +383,7 @@ def make_inputs(
     rows = []
     for pad in pad_left:
         n_text = text_len - pad
-        text = torch.randint(_FIRST_TEXT_ID, vocab - _RESERVED_TOP, (n_text,), generator=gen).tolist()
+        text = torch.randint(FIRST_TEXT_ID, vocab - RESERVED_TOP, (n_text,), generator=gen).tolist()
         if fam.prefix_lm:
             body = span + [BOS] + text[1:]
         else:
