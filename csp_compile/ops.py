@@ -131,7 +131,9 @@ def attention_op(
     mask_is_causal: Optional[torch.Tensor],
     lse_rows: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(output (b, hq, L, Dv) contiguous, log-sum-exp (b, hq, min(lse_rows, L)) of the last rows).
+    """(output (b, hq, L, Dv) contiguous, log-sum-exp (b, hq, min(lse_rows, L)) of the last rows; a row
+    that attends nothing, left padding, gets an arbitrary value (0 from the CPU flash kernel): such a
+    row is never in a window, and the scoring drops rows outside each sequence's window).
 
     query (b, hq, L, D); key/value (b, hkv, L, D) before any GQA repeat; attn_mask / scale / is_causal
     exactly as the model passes them to SDPA; enable_gqa as the model's SDPA call (else the model
@@ -150,9 +152,10 @@ def attention_op(
     if attn_mask is not None and mask_is_causal is not None and query.device.type == "cpu" and bool(mask_is_causal):
         attn_mask, is_causal = None, True
     gqa = {"enable_gqa": True} if enable_gqa and n_rep > 1 else {}
-    flash = sdpa_picks_flash(query, key, value, attn_mask=attn_mask, dropout_p=0.0, is_causal=is_causal, scale=scale,
-                             **gqa)
     full_key, full_value = _repeat_kv(key, n_rep), _repeat_kv(value, n_rep)
+    attn_key, attn_value = (key, value) if gqa else (full_key, full_value)  # what the model's SDPA call gets
+    flash = sdpa_picks_flash(query, attn_key, attn_value, attn_mask=attn_mask, dropout_p=0.0, is_causal=is_causal,
+                             scale=scale, **gqa)
     same_dtype_mask = attn_mask is None or attn_mask.dtype in (torch.bool, query.dtype)
     if query.device.type == "cpu" and flash and same_dtype_mask:
         mask = attn_mask
@@ -162,7 +165,6 @@ def attention_op(
                                                    scale=scale)
         lse = lse[:, :, length - rows:].to(_lse_dtype(query.dtype))
     else:
-        attn_key, attn_value = (key, value) if gqa else (full_key, full_value)
         output = F.scaled_dot_product_attention(query, attn_key, attn_value, attn_mask=attn_mask, dropout_p=0.0,
                                                 scale=scale, is_causal=is_causal, **gqa)
         lse = _rows_lse(query, full_key, attn_mask, scale, is_causal, rows)

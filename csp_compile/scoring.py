@@ -118,7 +118,7 @@ def window_probs(inputs: AttentionInputs, n: float) -> torch.Tensor:
         probs = attention_probs(inputs, window, n)
     else:
         probs = n_softmax_from_lse(masked_scores(inputs, window), inputs.window_lse[..., None], n)
-    return probs * inputs.window_rows()[:, None, :, None]
+    return torch.where(inputs.window_rows()[:, None, :, None], probs, 0.0)  # drops anything in a dead row
 
 
 def modality_split(inputs: AttentionInputs, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
