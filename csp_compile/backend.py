@@ -109,7 +109,7 @@ class CSPBackend:
             for i, layer_index in enumerate(layout.layer_indices):
                 key = layer_index if layer_index is not None else i
                 state.layers[key] = LayerEviction(kept=extras[3 * i], slot_valid=extras[3 * i + 1])
-                state.window_queries[key] = extras[3 * i + 2].clone()  # not a view of the prompt's whole Q
+                state.window_queries[key] = extras[3 * i + 2]  # the graph's own copy (not a view of the whole Q)
             state.physical_length = int(extras[0].shape[-1])
             return outputs[: layout.num_outputs]
 
@@ -136,7 +136,7 @@ class CSPBackend:
             outputs = compiled(*args)
             for layer_index, rows in zip(layout.layer_indices, outputs[layout.num_outputs:]):
                 if layer_index is not None:
-                    state.window_queries[layer_index] = rows.clone()
+                    state.window_queries[layer_index] = rows
             return outputs[: layout.num_outputs]
 
         return run

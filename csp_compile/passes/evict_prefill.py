@@ -251,14 +251,12 @@ def _node(graph: fx.Graph, target: object, args: tuple) -> fx.Node:
 
 
 def _window_rows(graph: fx.Graph, query: fx.Node, window: int, before: fx.Node) -> fx.Node:
-    """A node of ``query[:, :, -window:]`` (the last ``window`` post-RoPE query rows), before ``before``."""
+    """A node of a copy of ``query[:, :, -window:]`` (the last ``window`` post-RoPE query rows), before
+    ``before``: a copy, so the graph's output does not keep the prompt's whole Q alive (a view would,
+    one (b, hq, L, D) tensor per layer until the forward returns)."""
     with graph.inserting_before(before):
-        rows = graph.call_function(operator.getitem, (query, (slice(None), slice(None), slice(-window, None))))
-    fake = _fake(query)
-    if fake is not None:
-        with fake.fake_mode:
-            rows.meta["example_value"] = fake[:, :, -window:]
-    return rows
+        rows = _node(graph, operator.getitem, (query, (slice(None), slice(None), slice(-window, None))))
+        return _node(graph, torch.clone, (rows,))
 
 
 def copy_dynamo_graph(gm: fx.GraphModule) -> fx.GraphModule:
