@@ -89,6 +89,13 @@ def _settings(args: argparse.Namespace):
                          threads=args.threads, quick=args.quick, **base)
 
 
+def _write_json(path: Path | None, result: dict) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"\nwrote {path}")
+
+
 def _run_vllm(args: argparse.Namespace) -> int:
     from csp_compile.vllm.cli import format_bench, run_bench
 
@@ -97,10 +104,7 @@ def _run_vllm(args: argparse.Namespace) -> int:
     overrides.update({k: getattr(args, k) for k in ("prompt", "new_tokens") if getattr(args, k) is not None})
     result = run_bench(None, overrides)
     print(format_bench(result))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"\nwrote {args.json}")
+    _write_json(args.json, result)
     return 0
 
 
@@ -127,8 +131,5 @@ def run(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     print(format_table(result))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"\nwrote {args.json}")
+    _write_json(args.json, result)
     return 0
