@@ -125,7 +125,7 @@ def explain(model: nn.Module) -> str:
             f"  layer {index:>3}  {m.module_path}  pattern={m.pattern}  heads={m.num_heads} "
             f"kv_heads={m.num_kv_heads} head_dim={m.head_dim}  mask={m.mask_kind}"
         )
-        lines.append(f"{'':13}scoring={_scoring_of(m, config)}")
+        lines.append(f"{'':13}scoring={choose_scoring(config.policy)}")
     lines.append(f"left alone ({len(plan.left_alone)}):")
     lines += [f"  {skip.module_path or '?'}: {skip.reason}" for skip in plan.left_alone]
     return "\n".join(lines)
@@ -176,11 +176,6 @@ def _refuse_compiled(model: nn.Module) -> None:
     if compiled:
         raise ValueError(f"csp: {compiled[0]} was compiled with .compile(): optimize compiles the language model "
                          "itself; pass a model that was not compiled")
-
-def _scoring_of(match: Any, config: CSPConfig) -> str:
-    """``choose_scoring`` for a rewritten attention (the policy and ``CSP_SCORING`` decide)."""
-    return str(choose_scoring(config.policy))
-
 
 def _installed(model: nn.Module) -> _Installed:
     installed = model.__dict__.get(_ATTR)
