@@ -1,7 +1,8 @@
 """The custom ops a rewritten prefill graph calls; everything else it emits is plain aten for Inductor.
 
 ``csp::attention`` is the model's attention call with its row log-sum-exp as a second output (the
-n-softmax normaliser of the window rows, so the scoring never reduces over L a second time).
+n-softmax normaliser of the window rows, so the scoring need not reduce over L again; it does when the
+model passed SDPA no mask, as that kernel's normaliser would count left-padding keys).
 ``csp::select_reference`` runs ``prefill_selection`` eagerly for the policies that cannot be traced
 (their config travels as one encoded string, ``config_to_op_arg``). ``csp::shared_mask`` gives the
 layers of a graph one copy of a bool mask. See ``passes.evict_prefill`` for where each is used.

@@ -5,7 +5,7 @@ split functions (DESIGN §2) and the top-k, returning the cache layout (``kept_l
 traceable policy (``Policy.traceable``: CSP, SnapKV, StreamingLLM, full) the rewrite calls it as a plain
 function node, so AOTAutograd traces it into aten ops and Inductor fuses them (C++ on CPU, Triton on
 CUDA): window ``Q K^T``, n-softmax from the attention kernel's log-sum-exp, the self/cross split, the
-GQA mean, the ranking and the gathers. Every tensor is O(W x L) per head; nothing L x L, no host
+GQA mean and the ranking (the rewrite adds the K/V gathers after it). Every tensor is O(W x L) per head; nothing L x L, no host
 sync. Other policies (H2O and LOOK-M read every query row; random draws from a seeded generator)
 run the same function eagerly inside ``csp::select_reference``.
 """
