@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from csp_compile.config import CSPConfig
 from csp_compile.internals import flash_attention_cpu_with_lse, sdpa_picks_flash
-from csp_compile.templates.prefill_selection import kept_slots, prefill_selection
+from csp_compile.scoring import AttentionInputs, default_scale, masked_scores
+from csp_compile.templates.prefill_selection import kept_slots, prefill_selection, selection_mask
 
 __all__ = [
     "attention_with_lse",
@@ -105,19 +106,18 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _rows_lse(query, key, attn_mask, scale, is_causal, rows: int) -> torch.Tensor:
-    """(b, hq, rows) log-sum-exp of the last ``rows`` query rows' masked scores (K already repeated);
-    O(rows x L): the fallback when SDPA does not run a kernel that returns it."""
-    length = key.shape[2]
-    dtype = _lse_dtype(query.dtype)
-    scores = query[:, :, length - rows:].to(dtype) @ key.to(dtype).transpose(-1, -2)
-    scores = scores * (query.shape[-1] ** -0.5 if scale is None else scale)
-    if attn_mask is not None:
-        mask = attn_mask[..., length - rows:, :] if attn_mask.shape[-2] != 1 else attn_mask
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.to(dtype)
-    elif is_causal:
-        q_pos = torch.arange(length - rows, length, device=scores.device)
-        scores = scores.masked_fill(torch.arange(length, device=scores.device)[None, :] > q_pos[:, None], float("-inf"))
-    return torch.logsumexp(scores, dim=-1)
+    """(b, hq, rows) log-sum-exp of the last ``rows`` query rows' masked scores (``masked_scores``, K before
+    any GQA repeat, no padding of its own: SDPA's view); O(rows x L): the fallback when SDPA does not
+    run a kernel that returns it."""
+    b, _, length, dim = query.shape
+    inputs = AttentionInputs(
+        query=query, key=key, modality=torch.zeros(b, length, dtype=torch.int64, device=query.device),
+        valid=torch.ones(b, length, dtype=torch.bool, device=query.device),
+        mask=selection_mask(attn_mask, is_causal, length, query.device),
+        scale=default_scale(dim) if scale is None else float(scale),
+        window=torch.full((b,), rows, dtype=torch.int64, device=query.device),
+    )
+    return torch.logsumexp(masked_scores(inputs, slice(length - rows, length)), dim=-1)
 
 
 @torch.library.custom_op("csp::attention", mutates_args=(), device_types=None)
@@ -168,7 +168,7 @@ def attention_op(
     else:
         output = F.scaled_dot_product_attention(query, attn_key, attn_value, attn_mask=attn_mask, dropout_p=0.0,
                                                 scale=scale, is_causal=is_causal, **gqa)
-        lse = _rows_lse(query, full_key, attn_mask, scale, is_causal, rows)
+        lse = _rows_lse(query, key, attn_mask, scale, is_causal, rows)
     # The op promises contiguous outputs (the fake impl's layout; Inductor's on-disk cache keys do not
     # cover the fake impl, so graphs cached against one layout must always get it).
     return output.contiguous(), lse.contiguous()

@@ -19,8 +19,8 @@ import torch
 from csp_compile.cache import SlotMap
 from csp_compile.config import CSPConfig
 from csp_compile.policies import get_policy
-from csp_compile.scoring import AttentionInputs, resolve_budget
-from csp_compile.selection import Selection, gather_kept, left_aligned, select_from_scores
+from csp_compile.scoring import AttentionInputs
+from csp_compile.selection import Selection, budgets_for, gather_kept, left_aligned, select_from_scores
 
 
 def reselect(
@@ -43,7 +43,7 @@ def reselect(
     if slots.physical != length:
         raise ValueError(f"csp: slot map covers {slots.physical} slots, the cache layer holds {length}")
     available = slots.valid.sum(-1).cpu()
-    budgets = torch.tensor([resolve_budget(int(n), config)[0] for n in real_counts.cpu()], dtype=torch.int64)
+    budgets = budgets_for(real_counts.cpu(), config)[0]
     kept = available if get_policy(config.policy).score is None else torch.minimum(budgets, available)
     # the window: the last real tokens with a query (a chunk of a left-padded prompt may end in padding-only rows)
     tail = slots.valid[:, length - w:].flip(-1).to(torch.int64).cumprod(-1).sum(-1).cpu()

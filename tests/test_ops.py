@@ -250,3 +250,21 @@ def test_cpu_attention_takes_the_kernels_lse_for_gqa_too(enable_gqa, mask, monke
     output, _ = attention_with_lse(p["query"], p["key"], p["value"], lse_rows=4, attn_mask=p["attn_mask"],
                                    is_causal=mask is None, enable_gqa=enable_gqa)
     assert torch.equal(output, expected_attention(p, None, mask is None, enable_gqa))
+
+
+@pytest.mark.parametrize("prob, op_kwargs, config", CASES)
+def test_fallback_lse_where_sdpa_runs_no_flash_kernel(prob, op_kwargs, config, monkeypatch):
+    """Where SDPA would not run its flash kernel (CUDA, other dtypes), the op calls SDPA for the output
+    and computes the window rows' log-sum-exp itself: the same output and the float64 log-sum-exp."""
+    import csp_compile.ops as ops
+
+    monkeypatch.setattr(ops, "sdpa_picks_flash", lambda *args, **kwargs: False)
+    p = problem(**prob)
+    scale = 0.3
+    is_causal, enable_gqa = op_kwargs.get("is_causal", False), op_kwargs.get("enable_gqa", False)
+    output, lse = attention_with_lse(p["query"], p["key"], p["value"], lse_rows=config.window, attn_mask=p["attn_mask"],
+                                     scale=scale, is_causal=is_causal, enable_gqa=enable_gqa)
+    assert torch.equal(output, expected_attention(p, scale, is_causal, enable_gqa))
+    expected = window_lse_float64(p, scale, is_causal, min(config.window, p["query"].shape[2]))
+    attends = torch.isfinite(expected)
+    torch.testing.assert_close(lse.double()[attends], expected[attends], rtol=1e-5, atol=1e-5)

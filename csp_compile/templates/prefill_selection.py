@@ -20,7 +20,7 @@ from csp_compile.config import CSPConfig
 from csp_compile.scoring import AttentionInputs, default_scale
 from csp_compile.selection import budgets_for, kept_layout, select_keep_mask
 
-__all__ = ["kept_slots", "prefill_selection", "selection_node_target"]
+__all__ = ["kept_slots", "prefill_selection", "selection_mask", "selection_node_target"]
 
 
 def kept_slots(length: int | torch.SymInt, config: CSPConfig) -> int | torch.SymInt:
@@ -65,7 +65,7 @@ def prefill_selection(
         window_lse = None
     inputs = AttentionInputs(
         query=query, key=key, modality=modality.to(torch.int64), valid=valid,
-        mask=_selection_mask(attn_mask, is_causal, length, query.device),
+        mask=selection_mask(attn_mask, is_causal, length, query.device),
         scale=default_scale(dim) if scale is None else float(scale),
         window=window, rows=rows, window_lse=window_lse,
     )
@@ -73,7 +73,7 @@ def prefill_selection(
     return kept_layout(keep, num_kept, slots)
 
 
-def _selection_mask(attn_mask: torch.Tensor | None, is_causal: bool, length: int, device: torch.device) -> torch.Tensor | None:
+def selection_mask(attn_mask: torch.Tensor | None, is_causal: bool, length: int, device: torch.device) -> torch.Tensor | None:
     """The model's SDPA mask in ``AttentionInputs``' convention: 4-D, None = causal; a bidirectional
     call (no mask, not causal) becomes one all-True (1, 1, 1, L) row broadcast over the queries."""
     if attn_mask is None:
