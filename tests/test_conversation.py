@@ -14,16 +14,9 @@ from conversation_oracle import chunked_generate, second_turn
 from conversation_turns import image_turn, text_turn
 from eager_oracle import evicting_generate
 from recompile_guard import FailOnRecompileFrom
+from greedy import NEW_TOKENS, generate
 
 pytestmark = pytest.mark.slow  # compiles whole models: `pytest -m "not slow"` skips this module
-
-NEW_TOKENS = 4
-
-
-def generate(model, inputs, max_new_tokens=NEW_TOKENS, **kwargs):
-    with torch.no_grad():
-        return model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, output_logits=True,
-                              return_dict_in_generate=True, **kwargs)
 
 
 def until_eos(tokens: torch.Tensor) -> torch.Tensor:

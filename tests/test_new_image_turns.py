@@ -9,16 +9,9 @@ import torch
 import csp_compile
 from csp_compile.tiny_vlms import build_tiny_vlm, make_inputs
 from conversation_turns import image_turn, one_shot
+from greedy import NEW_TOKENS, generate
 
 pytestmark = pytest.mark.slow  # compiles whole models: `pytest -m "not slow"` skips this module
-
-NEW_TOKENS = 4
-
-
-def generate(model, inputs, **kwargs):
-    with torch.no_grad():
-        return model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True,
-                              return_dict_in_generate=True, **kwargs)
 
 
 def prefix_typed(turn: dict, start: int) -> tuple[dict, dict]:

@@ -15,16 +15,9 @@ from csp_compile.modality import ModalityUnavailableError
 from csp_compile.tiny_vlms import FAMILIES, build_tiny_vlm, make_inputs
 from eager_oracle import evicting_generate
 from recompile_guard import FailOnRecompileFrom
+from greedy import NEW_TOKENS, generate
 
 pytestmark = pytest.mark.slow  # compiles whole models: `pytest -m "not slow"` skips this module
-
-NEW_TOKENS = 4
-
-
-def generate(model, inputs, **kwargs):
-    with torch.no_grad():
-        return model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True,
-                              return_dict_in_generate=True, **kwargs)
 
 
 def batch_inputs(model, family):
