@@ -131,6 +131,7 @@ def attention_op(
     enable_gqa: bool,
     mask_is_causal: Optional[torch.Tensor],
     lse_rows: int,
+    after: list[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(output (b, hq, L, Dv) contiguous, log-sum-exp (b, hq, min(lse_rows, L)) of the last rows; a row
     that attends nothing, left padding, gets an arbitrary value (0 from the CPU flash kernel): such a
@@ -145,6 +146,8 @@ def attention_op(
     ``attn_mask`` is exactly SDPA's causal mask (``mask_is_causal_graph``): on CPU the attention then
     runs with ``is_causal=True`` instead of the mask, bit-identical (the flash kernel serves both) and
     it skips the blocks above the diagonal. Not on CUDA, where the two select different kernels.
+    after: tensors the op ignores, passed only to order it after their producers (the previous layer's
+    gathered K/V, so Inductor frees that layer's whole K/V before this attention allocates).
     """
     _check(query, key, value)
     n_rep = query.shape[1] // key.shape[1]
@@ -175,7 +178,7 @@ def attention_op(
 
 
 @attention_op.register_fake
-def _attention_fake(query, key, value, attn_mask, scale, is_causal, enable_gqa, mask_is_causal, lse_rows):
+def _attention_fake(query, key, value, attn_mask, scale, is_causal, enable_gqa, mask_is_causal, lse_rows, after):
     _check(query, key, value)
     b, hq, length, _ = query.shape
     output = query.new_empty(b, hq, length, value.shape[-1])
@@ -193,10 +196,11 @@ def attention_with_lse(
     is_causal: bool = False,
     enable_gqa: bool = False,
     mask_is_causal: torch.Tensor | None = None,
+    after: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``torch.ops.csp.attention`` with keyword arguments."""
     return torch.ops.csp.attention(query, key, value, attn_mask, scale, is_causal, enable_gqa, mask_is_causal,
-                                   lse_rows)
+                                   lse_rows, list(after or ()))
 
 
 # --- selection for policies that cannot be traced ------------------------------------------------

@@ -118,3 +118,7 @@ def test_bool_mask_is_shared_and_checked_for_causality_once(monkeypatch):
     assert len(ops) == 2 and len(shared) == 1 and len(flags) == 1
     for op in ops:
         assert op.args[3] is shared[0] and op.args[7] is flags[0]
+    # the second attention is ordered after the first layer's gathers, which become the k0/v0 outputs
+    gathers = [n for n in gm.graph.nodes if n.target is evict_prefill.gather_kept]
+    outputs = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    assert ops[0].args[9] == [] and ops[1].args[9] == gathers[:2] and list(outputs[1:3]) == gathers[:2]

@@ -174,14 +174,14 @@ def test_fake_tensor_shapes_and_opcheck(prob, op_kwargs, config):
     is_causal = op_kwargs.get("is_causal", False)
     calls = [
         (ATTENTION, (p["query"], p["key"], p["value"], p["attn_mask"], None, is_causal,
-                     op_kwargs.get("enable_gqa", False), None, config.window)),
+                     op_kwargs.get("enable_gqa", False), None, config.window, [p["key"]])),
         (SELECT_REFERENCE, (p["query"], p["key"], p["attn_mask"], p["modality"], p["attention_mask"], None, is_causal,
                             config_to_op_arg(config))),
     ]
     for op, args in calls:
         real = op(*args)
         with FakeTensorMode() as mode:
-            fake = op(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args])
+            fake = op(*torch.utils._pytree.tree_map_only(torch.Tensor, mode.from_tensor, args))
         for f, r in zip(fake, real):
             assert f.shape == r.shape and f.dtype == r.dtype and f.stride() == r.stride()
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
@@ -213,7 +213,7 @@ def test_layer_inside_inductor_static_and_dynamic():
 
     def layer(query, key, value, modality, attention_mask_2d):
         q = query * 1.5  # some surrounding compute, fused by Inductor
-        out, lse = ATTENTION(q, key, value, None, None, True, True, None, config.window)
+        out, lse = ATTENTION(q, key, value, None, None, True, True, None, config.window, [])
         idx, valid = prefill_selection(q, key, lse, None, modality, attention_mask_2d, config=config, scale=None,
                                        is_causal=True)
         return out.sum(1), idx, gather_kept(key, idx, valid) * 2, gather_kept(value, idx, valid), valid

@@ -161,10 +161,11 @@ def rewrite_prefill(gm: fx.GraphModule, plan: PrefillPlan, config: CSPConfig, *,
     replaced: dict[fx.Node, fx.Node] = {}
     extra_outputs: list[fx.Node] = []
     bool_masks: dict[fx.Node, tuple[fx.Node, fx.Node]] = {}
+    previous: list[fx.Node] = []
     for site in plan.sites:
         m = site.match
         attention, output, window_lse, mask = _emit_attention(graph, m, site.key_cat, site.value_cat, config.window,
-                                                              bool_masks)
+                                                              bool_masks, after=previous)
         with graph.inserting_before(m.output):
             if traced:
                 target = selection_node_target(config, m.scale, m.is_causal)
@@ -175,6 +176,7 @@ def rewrite_prefill(gm: fx.GraphModule, plan: PrefillPlan, config: CSPConfig, *,
             kept, slot_valid = (_node(graph, operator.getitem, (selection, i)) for i in range(2))
             replaced[site.key_cat] = _node(graph, gather_kept, (site.key_cat, kept, slot_valid))
             replaced[site.value_cat] = _node(graph, gather_kept, (site.value_cat, kept, slot_valid))
+        previous = [replaced[site.key_cat], replaced[site.value_cat]]
         m.output.replace_all_uses_with(output)
         extra_outputs += [kept, slot_valid, _window_rows(graph, m.query, config.window, attention)]
 
@@ -198,9 +200,12 @@ def rewrite_attention_only(gm: fx.GraphModule, plan: PrefillPlan) -> None:
 
 
 def _emit_attention(graph: fx.Graph, m: AttentionMatch, key: fx.Node, value: fx.Node, lse_rows: int,
-                    bool_masks: dict[fx.Node, tuple[fx.Node, fx.Node]]) -> tuple[fx.Node, fx.Node, fx.Node, fx.Node]:
+                    bool_masks: dict[fx.Node, tuple[fx.Node, fx.Node]], after: list[fx.Node] = ()
+                    ) -> tuple[fx.Node, fx.Node, fx.Node, fx.Node]:
     """``csp::attention`` in place of ``m``'s SDPA call, before ``m.output``: (op node, output, window
-    lse, the mask it was given). A full bool mask is shared by the sites through ``bool_masks`` (model
+    lse, the mask it was given), ordered after the nodes ``after`` (the previous site's gathered K/V:
+    Inductor would otherwise run a layer's selection and gathers after the next layer's attention, with
+    two layers' whole K/V alive at the peak). A full bool mask is shared by the sites through ``bool_masks`` (model
     mask -> (shared copy, causal flag)), created before its first site."""
     mask, mask_is_causal = m.mask, None
     if _full_bool_mask(m):
@@ -211,7 +216,7 @@ def _emit_attention(graph: fx.Graph, m: AttentionMatch, key: fx.Node, value: fx.
         mask, mask_is_causal = bool_masks[m.mask]
     with graph.inserting_before(m.output):
         attention = _node(graph, ATTENTION_OP, (m.query, key, value, mask, m.scale, m.is_causal,
-                                                m.pattern == "sdpa_gqa", mask_is_causal, lse_rows))
+                                                m.pattern == "sdpa_gqa", mask_is_causal, lse_rows, list(after)))
         output, window_lse = (_node(graph, operator.getitem, (attention, i)) for i in range(2))
     return attention, output, window_lse, mask
 
