@@ -21,9 +21,11 @@ from torch._dynamo import register_backend
 from torch._inductor.compile_fx import compile_fx
 
 import csp_compile.ops  # noqa: F401  (registers torch.ops.csp)
+from csp_compile.adaptive import is_adaptive
 from csp_compile.cache import EvictionState, LayerEviction
 from csp_compile.config import CSPConfig
 from csp_compile.internals import dynamo_backend_registered, fake_mode_of
+from csp_compile.passes.head_validity import mask_by_head_validity
 from csp_compile.passes.evict_prefill import (
     PrefillPlan,
     copy_dynamo_graph,
@@ -43,6 +45,7 @@ class CSPState(EvictionState):
     modality: torch.Tensor | None = None  # (b, L)
     attention_mask_2d: torch.Tensor | None = None  # (b, L) int64, 1 = real token
     slot_valid_for_masks: torch.Tensor | None = None  # (b, P) for the language model pre-hook to put in the masks
+    head_valid_for_call: dict[int, torch.Tensor] = field(default_factory=dict)  # adaptive: per layer (b, hkv, cached)
     plans: list[PrefillPlan] = field(default_factory=list)  # one per compiled prefill graph
     compiled_graphs: dict[str, int] = field(default_factory=lambda: {"prefill": 0, "continued": 0, "other": 0})
     window_queries: dict[int, torch.Tensor] = field(default_factory=dict)  # last forward's, per continued layer
@@ -53,6 +56,7 @@ class CSPState(EvictionState):
         super().reset()
         self.slot_valid_for_masks = None
         self.window_queries.clear()
+        self.head_valid_for_call.clear()
 
     def release(self) -> None:
         """Drop every tensor and graph plan (``restore``): compiled graphs may outlive the model."""
@@ -126,13 +130,22 @@ class CSPBackend:
         layer's last ``window`` query rows as extra outputs, which ``run`` moves into the state."""
         rewritten = copy_dynamo_graph(gm)
         plan = plan_prefill(rewritten)
+        example_inputs = list(example_inputs)
+        validity_layers: list[int] = []
+        if is_adaptive(self.state.config):  # per-head empty slots: the masks read them from extra inputs
+            placeholders = mask_by_head_validity(rewritten, plan.continued)
+            example_inputs += [node.meta["example_value"] for node in placeholders]
+            validity_layers = [site.match.layer_index if site.match.layer_index is not None else i
+                               for i, site in enumerate(plan.continued)]
         layout = expose_window_queries(rewritten, plan.continued, self.state.config.window)
         self._record_scales(plan.continued)
         self.state.compiled_graphs["continued"] += 1
-        compiled = compile_fx(rewritten, list(example_inputs))
+        compiled = compile_fx(rewritten, example_inputs)
         state = self.state
 
         def run(*args: Any) -> Any:
+            if validity_layers:
+                args = (*args, *(state.head_valid_for_call[index] for index in validity_layers))
             outputs = compiled(*args)
             for layer_index, rows in zip(layout.layer_indices, outputs[layout.num_outputs:]):
                 if layer_index is not None:

@@ -119,11 +119,14 @@ class LogicalLayer(DynamicLayer):
 @dataclass
 class SlotMap:
     """What the first ``physical`` slots of a ``LogicalLayer`` hold: ``positions`` (b, hkv, P) logical
-    position (-1 = empty slot), ``modality`` (b, hkv, P) ids, ``valid`` (b, P) True at real tokens."""
+    position (-1 = empty slot), ``modality`` (b, hkv, P) ids, ``valid`` (b, P) True at real tokens;
+    with adaptive budgets (heads keeping different counts) ``head_valid`` (b, hkv, P) says it per head
+    and ``valid`` is all True (the per-head masks of ``passes.head_validity`` decide)."""
 
     positions: torch.Tensor
     modality: torch.Tensor
     valid: torch.Tensor
+    head_valid: torch.Tensor | None = None
 
     @property
     def physical(self) -> int:
@@ -131,10 +134,13 @@ class SlotMap:
 
     def select(self, indices: torch.Tensor) -> "SlotMap":
         indices = indices.to(self.positions.device)
-        return SlotMap(self.positions[indices], self.modality[indices], self.valid[indices])
+        return SlotMap(*(None if t is None else t[indices] for t in self._tensors()))
 
     def repeat_interleave(self, repeats: int) -> "SlotMap":
-        return SlotMap(*(t.repeat_interleave(repeats, dim=0) for t in (self.positions, self.modality, self.valid)))
+        return SlotMap(*(None if t is None else t.repeat_interleave(repeats, dim=0) for t in self._tensors()))
+
+    def _tensors(self) -> tuple[torch.Tensor | None, ...]:
+        return self.positions, self.modality, self.valid, self.head_valid
 
     def extended(self, start: int, modality: torch.Tensor, valid: torch.Tensor) -> "SlotMap":
         """With ``modality``/``valid`` (b, a) appended: the tokens at logical ``start .. start + a - 1``."""
@@ -227,22 +233,6 @@ def slot_validity(layer: LogicalLayer, log: TokenLog) -> torch.Tensor:
     appended = layer.physical_length - layer.slots.physical
     start = layer.cumulative_length - appended
     return torch.cat([layer.slots.valid, log.columns(start, layer.cumulative_length)[1]], dim=-1)
-
-
-def offset_attention_mask(attention_mask: torch.Tensor, slot_valid: torch.Tensor, logical_length: int) -> torch.Tensor:
-    """The 2-D padding mask a ``LogicalLayer`` reads: same shape as the logical ``attention_mask``
-    (b, T + q), with the columns ``T - P .. T - 1`` (where the masks put the P physical slots)
-    replaced by ``slot_valid`` (b, P); the new tokens' columns stay as given."""
-    physical = slot_valid.shape[-1]
-    if attention_mask.dim() != 2 or attention_mask.shape[-1] < logical_length:
-        raise ValueError(
-            f"attention_mask must be (batch, >= {logical_length}) when continuing from a cache of {logical_length} tokens: "
-            f"got {tuple(attention_mask.shape)}"
-        )
-    start = logical_length - physical
-    return torch.cat(
-        [attention_mask[:, :start], slot_valid.to(attention_mask.dtype), attention_mask[:, logical_length:]], dim=-1
-    )
 
 
 def check_cache(cache: object) -> None:

@@ -9,6 +9,9 @@ from typing import Any
 
 CROSS_RATIO_RULES = ("auto", "population", "mass")
 NEW_TURN_MODES = ("evict", "append")
+LAYER_BUDGETS = ("uniform", "pyramid")
+HEAD_BUDGETS = ("uniform", "adaptive")
+MASS_POLICIES = ("csp", "snapkv", "h2o")  # scores that are attention mass, comparable across heads
 
 
 def _fail(field: str, value: Any, allowed: str) -> None:
@@ -47,7 +50,8 @@ class CSPConfig:
     n: the n of n-softmax, ``exp(x_i) / (n + sum_j exp(x_j))``; 0 is plain softmax.
     policy: name of a registered policy (see ``csp_compile.policies.available_policies()``).
     sink_tokens: leading tokens the "streaming" policy always keeps.
-    pool_kernel: width of SnapKV's 1-D average pooling over keys (odd, 1 = no pooling).
+    pool_kernel: width of SnapKV's 1-D average pooling over keys (odd, 1 = no pooling); 5 as in SnapKV's
+        reference code and kvpress.
     seed: seed of the "random" policy.
     on_new_turn: what a call of more than one token on a non-empty cache (a new turn of a
         conversation) does: "evict" re-selects ``B`` of the logical total among [kept cache + new
@@ -59,6 +63,12 @@ class CSPConfig:
     decode_every: decoded tokens between two decode-time compressions (an int >= 1).
     prefill_chunk: None (one-shot prefill) or an int >= 1: a longer prompt is prefilled this many
         tokens at a time, re-selecting after each chunk, so the KV cache peaks at about B + chunk.
+    layer_budget: "uniform" (every layer keeps B) or "pyramid" (PyramidKV: more in lower layers, the
+        same total; ``csp_compile.adaptive``).
+    head_budget: "uniform" (every KV head keeps B) or "adaptive" (AdaKV: a layer's picks go to the heads
+        whose scores hold the most attention mass, the same total per layer; csp, snapkv, h2o only).
+        Either adaptive setting keeps a rectangular cache of W + 2K slots per head (shorter heads
+        padded and masked at decode) and works with one-shot prefill and on_new_turn="append".
     """
 
     budget: float | int = 0.2
@@ -67,12 +77,14 @@ class CSPConfig:
     n: float = 1.0
     policy: str = "csp"
     sink_tokens: int = 4
-    pool_kernel: int = 7
+    pool_kernel: int = 5
     seed: int = 0
     on_new_turn: str = "evict"
     decode_budget: float | int | None = None
     decode_every: int = 16
     prefill_chunk: int | None = None
+    layer_budget: str = "uniform"
+    head_budget: str = "uniform"
 
     def __post_init__(self) -> None:
         self._check_budget()
@@ -91,6 +103,22 @@ class CSPConfig:
             _fail("seed", self.seed, "an int >= 0")
         if not isinstance(self.on_new_turn, str) or self.on_new_turn not in NEW_TURN_MODES:
             _fail("on_new_turn", self.on_new_turn, f"one of {list(NEW_TURN_MODES)}")
+        self._check_adaptive()
+
+    def _check_adaptive(self) -> None:
+        if not isinstance(self.layer_budget, str) or self.layer_budget not in LAYER_BUDGETS:
+            _fail("layer_budget", self.layer_budget, f"one of {list(LAYER_BUDGETS)}")
+        if not isinstance(self.head_budget, str) or self.head_budget not in HEAD_BUDGETS:
+            _fail("head_budget", self.head_budget, f"one of {list(HEAD_BUDGETS)}")
+        if self.head_budget == "adaptive" and self.policy not in MASS_POLICIES:
+            _fail("head_budget", self.head_budget, f"'uniform' with policy {self.policy!r} (adaptive needs "
+                  f"attention-mass scores: policy one of {list(MASS_POLICIES)})")
+        if self.layer_budget == "uniform" and self.head_budget == "uniform":
+            return
+        for name in ("decode_budget", "prefill_chunk"):
+            if getattr(self, name) is not None:
+                _fail(name, getattr(self, name), f"None with layer_budget={self.layer_budget!r} / head_budget="
+                      f"{self.head_budget!r} (adaptive budgets do not re-select yet)")
 
     def _check_budget(self) -> None:
         _check_budget_value("budget", self.budget)

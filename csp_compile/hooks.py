@@ -4,7 +4,7 @@ Model pre-hook: refuses calls that would skip eviction; turns the cache's full-a
 into ``LogicalLayer`` s (logical length + slot map); at a prefill records the prompt's modality ids
 and padding; on a non-empty cache (decode, a new turn) refuses a new image transformers would place
 wrongly (``turn_checks``), logs the new tokens and hands transformers the padding mask in the frame the
-layers' masks use (``offset_attention_mask``).
+layers' masks use (``masks.masks_over_slots``).
 Model post-hook: after a prefill stores each evicted layer's slot map on the cache; after a new
 turn of more than one token with ``on_new_turn="evict"`` re-selects every evicting layer
 (``reselect``). Language-model pre-hook: dynamic cache and mask lengths, so decoding compiles once;
@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
+from csp_compile.adaptive import is_adaptive
 from csp_compile.backend import CSPState
 from csp_compile.cache import (
     LayerEviction,
@@ -27,12 +28,12 @@ from csp_compile.cache import (
     SlotMap,
     adopt_logical_layers,
     check_cache,
-    offset_attention_mask,
     slot_validity,
     synced_slots,
     token_log,
 )
 from csp_compile.internals import is_sliding_layer_type, mark_dynamic_length
+from csp_compile.masks import masks_over_slots
 from csp_compile.modality import modality_ids
 from csp_compile.ops import kept_slots
 from csp_compile.reselect import apply_reselection, reselect
@@ -127,6 +128,12 @@ def _continue(model, state: CSPState, cache, args: tuple, kwargs: dict) -> None:
     logical = cache.get_seq_length()
     layers = [layer for layer in cache.layers if isinstance(layer, LogicalLayer)]
     pruned = [layer for layer in layers if layer.slots is not None]
+    if is_adaptive(state.config) and new_tokens > 1 and state.config.on_new_turn == "evict" and pruned:
+        raise NotImplementedError(
+            f"csp: a new turn of {new_tokens} tokens with on_new_turn='evict' would re-select a cache evicted with "
+            f"layer_budget={state.config.layer_budget!r} / head_budget={state.config.head_budget!r}, which is not "
+            "supported yet: optimise with on_new_turn='append', or use uniform budgets"
+        )
     if log.length != logical and (pruned or state.config.on_new_turn == "evict"):
         raise ValueError(
             f"csp: this cache holds {logical} tokens that did not go through this optimised model (its log has "
@@ -184,10 +191,13 @@ def _finish_prefill(state: CSPState, cache) -> None:
         layer = cache.layers[index]
         if not isinstance(layer, LogicalLayer):
             raise RuntimeError(f"csp: cache layer {index} is a {type(layer).__name__}, expected an evicting layer")
-        kept = eviction.kept
+        kept, slot_valid = eviction.kept, eviction.slot_valid
         slot_modality = torch.where(kept >= 0, modality[:, None, :].expand(-1, kept.shape[1], -1).gather(
             2, kept.clamp(min=0)), 0)
-        layer.slots = SlotMap(kept, slot_modality, eviction.slot_valid)
+        if slot_valid.dim() == 3:  # adaptive budgets: validity per head
+            layer.slots = SlotMap(kept, slot_modality, torch.ones_like(slot_valid[:, 0]), slot_valid)
+        else:
+            layer.slots = SlotMap(kept, slot_modality, slot_valid)
         layer.recent_queries = state.window_queries.get(index)
     token_log(cache).decoded = 0
 
@@ -255,20 +265,12 @@ def language_model_pre_hook(language_model: nn.Module, state: CSPState):
                 layer.keys, layer.values = layer.keys.contiguous(), layer.values.contiguous()
                 mark_dynamic_length(layer.keys, 2)
                 mark_dynamic_length(layer.values, 2)
+        state.head_valid_for_call = _head_validity(cache, state)
         slot_valid, state.slot_valid_for_masks = state.slot_valid_for_masks, None
         if slot_valid is not None:
-            if isinstance(masks, dict):
-                masks = {**masks}
-                for kind in _evicted_layer_types(language_model, state):
-                    masks[kind] = with_slot_columns(masks.get(kind), slot_valid)
-            elif masks is None or masks.dim() == 2:
-                if masks is None:
-                    new_tokens = _new_token_count(args, kwargs)
-                    masks = torch.ones(slot_valid.shape[0], cache.get_seq_length() + new_tokens, dtype=torch.int64,
-                                       device=slot_valid.device)
-                masks = offset_attention_mask(masks, slot_valid, cache.get_seq_length())
-            else:
-                masks = with_slot_columns(masks, slot_valid)
+            evicted_types = _evicted_layer_types(language_model, state) if isinstance(masks, dict) else set()
+            masks = masks_over_slots(masks, slot_valid, cache.get_seq_length(), _new_token_count(args, kwargs),
+                                     evicted_types)
             kwargs = {**kwargs, "attention_mask": masks}
         for mask in masks.values() if isinstance(masks, dict) else [masks]:
             if isinstance(mask, torch.Tensor) and mask.dim() >= 2:
@@ -278,32 +280,24 @@ def language_model_pre_hook(language_model: nn.Module, state: CSPState):
     return hook
 
 
+def _head_validity(cache: Any, state: CSPState) -> dict[int, torch.Tensor]:
+    """Per evicted layer with per-head validity, (b, hkv, cached slots) for this call's decode graph."""
+    validity = {}
+    for index in state.layers:
+        layer = cache.layers[index]
+        slots = getattr(layer, "slots", None)
+        if slots is None or slots.head_valid is None:
+            continue
+        appended = layer.physical_length - slots.physical
+        ones = torch.ones(*slots.head_valid.shape[:2], appended, dtype=torch.bool, device=slots.head_valid.device)
+        validity[index] = torch.cat([slots.head_valid, ones], dim=-1)
+    return validity
+
+
 def _new_token_count(args: tuple, kwargs: dict) -> int:
     embeds = kwargs.get("inputs_embeds")
     ids = kwargs.get("input_ids", args[0] if args else None)
     return embeds.shape[1] if embeds is not None else ids.shape[-1]
-
-
-def with_slot_columns(mask: torch.Tensor | None, slot_valid: torch.Tensor) -> torch.Tensor:
-    """The model's (b|1, 1, q, P + q) mask of an evicted layer type with its first P (slot) columns set
-    to ``slot_valid`` (b, P): kept slots all precede the queries, so only padding hides one. ``mask``
-    None (SDPA's causal shortcut) becomes the equivalent bool mask."""
-    batch, physical = slot_valid.shape
-    if mask is None:
-        return _causal_slot_mask(slot_valid)
-    mask = mask.expand(batch, *mask.shape[1:]).clone()
-    if mask.dtype == torch.bool:
-        mask[..., :physical] = slot_valid[:, None, None, :]
-    else:
-        blocked = torch.finfo(mask.dtype).min
-        mask[..., :physical] = torch.where(slot_valid[:, None, None, :], 0.0, blocked).to(mask.dtype)
-    return mask
-
-
-def _causal_slot_mask(slot_valid: torch.Tensor) -> torch.Tensor:
-    """The bool (b, 1, 1, P + 1) mask of one decode query over ``slot_valid`` slots and itself."""
-    ones = torch.ones(slot_valid.shape[0], 1, dtype=torch.bool, device=slot_valid.device)
-    return torch.cat([slot_valid.bool(), ones], dim=-1)[:, None, None, :]
 
 
 def _check_uniform_eviction(cache: Any, state: CSPState) -> None:

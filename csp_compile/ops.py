@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from csp_compile.adaptive import is_adaptive
 from csp_compile.config import CSPConfig
 from csp_compile.internals import flash_attention_cpu_with_lse, sdpa_picks_flash
 from csp_compile.scoring import AttentionInputs, default_scale, masked_scores
@@ -215,15 +216,19 @@ def select_reference_op(
     scale: Optional[float],
     is_causal: bool,
     config: str,
+    layer: int,
+    layers: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``prefill_selection`` run eagerly (``config`` from ``config_to_op_arg``): (kept (b, hkv, P) int64,
-    slot_valid (b, P) bool)."""
+    """``prefill_selection`` run eagerly (``config`` from ``config_to_op_arg``; evicting layer ``layer`` of
+    ``layers``): (kept (b, hkv, P) int64, slot_valid (b, P) bool, (b, hkv, P) with adaptive budgets)."""
     return prefill_selection(query, key, None, attn_mask, modality, padding, config=config_from_op_arg(config),
-                             scale=scale, is_causal=is_causal)
+                             scale=scale, is_causal=is_causal, layer=(layer, layers))
 
 
 @select_reference_op.register_fake
-def _select_reference_fake(query, key, attn_mask, modality, padding, scale, is_causal, config):
+def _select_reference_fake(query, key, attn_mask, modality, padding, scale, is_causal, config, layer, layers):
     b, hkv, length, _ = key.shape
-    slots = kept_slots(length, config_from_op_arg(config))
-    return key.new_empty(b, hkv, slots, dtype=torch.int64), key.new_empty(b, slots, dtype=torch.bool)
+    decoded = config_from_op_arg(config)
+    slots = kept_slots(length, decoded)
+    valid_shape = (b, hkv, slots) if is_adaptive(decoded) else (b, slots)
+    return key.new_empty(b, hkv, slots, dtype=torch.int64), key.new_empty(valid_shape, dtype=torch.bool)

@@ -1,6 +1,6 @@
 """``optimize(model)``: give a Hugging Face VLM CSP eviction at prefill, no manual patching.
 
-The language model (``model.get_decoder()``) is compiled with ``CSPBackend``; the vision tower
+The language model (``model.get_decoder()``) is compiled with ``CSPBackend`` (``tracing``); the vision tower
 is never compiled. Two forward pre-hooks carry what the compiled graph cannot see: the model's
 hook computes each prompt's modality ids and padding mask at prefill and, at decode after an
 eviction, maps the 2-D padding mask onto the cache's physical slots; the language model's hook
@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import itertools
-import types
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +20,7 @@ from torch import nn
 
 from csp_compile.backend import CSPBackend, CSPState
 from csp_compile.config import CSPConfig
-from csp_compile.internals import capture_data_dependent_shapes, is_compiled
+from csp_compile.internals import is_compiled
 from csp_compile.hooks import (
     SUPPORTED_ATTENTION,
     chunked_prefill,
@@ -31,15 +28,11 @@ from csp_compile.hooks import (
     model_post_hook,
     model_pre_hook,
 )
-from csp_compile.passes.evict_prefill import PrefillPlan, plan_prefill
+from csp_compile.passes.evict_prefill import PrefillPlan
 from csp_compile.templates.lowering import choose_scoring
+from csp_compile.tracing import NoAttentionFoundError, capturing_data_dependent_ops, dry_trace, own_code_object
 
 _ATTR = "_csp_compile"
-_TRAMPOLINES = itertools.count()
-
-
-class NoAttentionFoundError(ValueError):
-    """The language model holds no attention the pass can rewrite."""
 
 
 @dataclass
@@ -64,13 +57,13 @@ def optimize(model: nn.Module, config: CSPConfig | None = None, **overrides: Any
     if overrides:
         config = config.replace(**overrides)
     language_model, path = _language_model(model)
-    dry_plan = _dry_trace(language_model)
+    dry_plan = dry_trace(language_model)
     restore(model)
     state = CSPState(config=config, hooked=True)
     installed = _Installed(state, language_model, path, dry_plan=dry_plan)
     installed.handles = _install_hooks(model, language_model, state)
-    forward = _own_code_object(type(language_model).forward.__get__(language_model))
-    compiled = _capturing_data_dependent_ops(torch.compile(forward, backend=CSPBackend(state)))
+    forward = own_code_object(type(language_model).forward.__get__(language_model))
+    compiled = capturing_data_dependent_ops(torch.compile(forward, backend=CSPBackend(state)))
     language_model.forward = chunked_prefill(language_model, compiled, state)
     model.__dict__[_ATTR] = installed
     model.__dict__["__deepcopy__"] = functools.partial(_deepcopy_optimized, model)
@@ -115,7 +108,7 @@ def explain(model: nn.Module) -> str:
         f"csp_compile: {type(model).__name__}, language model {installed.language_model_path} "
         f"({type(installed.language_model).__name__}), from the {source}",
         f"config: budget={config.budget} window={config.window} cross_ratio={config.cross_ratio} "
-        f"n={config.n} policy={config.policy}",
+        f"n={config.n} policy={config.policy} layer_budget={config.layer_budget} head_budget={config.head_budget}",
         f"rewritten ({len(plan.sites)}):",
     ]
     for site in plan.sites:
@@ -203,58 +196,3 @@ def _language_model(model: nn.Module) -> tuple[nn.Module, str]:
         )
     path = next(name for name, module in model.named_modules() if module is decoder)
     return decoder, path
-
-
-def _dry_trace(language_model: nn.Module) -> PrefillPlan:
-    """Trace a short probe prefill of the language model (run eagerly, with a cache of its own)
-    and plan the rewrite; raise if there is nothing to rewrite. Changes nothing."""
-    from transformers.cache_utils import DynamicCache
-
-    plans: list[PrefillPlan] = []
-
-    def record(gm: torch.fx.GraphModule, example_inputs: list) -> Any:
-        plans.append(plan_prefill(gm))
-        return gm.forward
-
-    hidden = language_model.config.hidden_size
-    parameter = next(language_model.parameters())
-    probe = torch.zeros(1, 8, hidden, dtype=parameter.dtype, device=parameter.device)
-    traced = torch.compile(_own_code_object(type(language_model).forward.__get__(language_model)), backend=record,
-                           dynamic=False)
-    with torch.no_grad():
-        traced(inputs_embeds=probe, cache=DynamicCache(config=language_model.config), use_cache=True)
-    sites = [site for plan in plans for site in plan.sites]
-    if not sites:
-        found = [f"{m.module_path} ({m.pattern})" for plan in plans for m in plan.matches]
-        skipped = [f"{s.module_path}: {s.reason}" for plan in plans for s in plan.left_alone]
-        raise NoAttentionFoundError(
-            f"no language-model self-attention to rewrite in {type(language_model).__name__}: looked for "
-            "scaled_dot_product_attention (with/without mask, enable_gqa, after repeat_kv) and the eager "
-            "matmul-softmax-matmul chain over a KV-cache update inside an attention module; "
-            f"found {found or 'none'}; left alone {skipped or 'none'}"
-        )
-    return PrefillPlan(tuple(sites), tuple(s for p in plans for s in p.left_alone), tuple(m for p in plans for m in p.matches))
-
-
-def _own_code_object(function: Callable) -> Callable:
-    """``function`` behind a trampoline with a code object of its own. Dynamo keeps compiled
-    graphs per code object, with a recompile limit; transformers' forwards share their decorators'
-    code objects across all models, so without this a few optimised models would exhaust it."""
-
-    def trampoline(*args: Any, **kwargs: Any) -> Any:
-        return function(*args, **kwargs)
-
-    code = trampoline.__code__.replace(co_name=f"csp_forward_{next(_TRAMPOLINES)}")
-    return types.FunctionType(code, trampoline.__globals__, code.co_name, None, trampoline.__closure__)
-
-
-def _capturing_data_dependent_ops(compiled: Callable) -> Callable:
-    """Trace with data-dependent output shapes (e.g. Qwen3-VL's boolean-mask indexing) kept in
-    the graph: a graph break there would split the prefill into per-layer graphs."""
-
-    @functools.wraps(compiled)
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        with capture_data_dependent_shapes():
-            return compiled(*args, **kwargs)
-
-    return forward

@@ -30,7 +30,7 @@ class PolicyScores:
 
 
 ScoreFn = Callable[[AttentionInputs, "CSPConfig"], PolicyScores]
-# (scores, inputs, config, k_total (b,)) -> picks taken from the secondary score, (b, hkv) int64
+# (scores, inputs, config, k_total (b, hkv)) -> picks taken from the secondary score, (b, hkv) int64
 SplitFn = Callable[[PolicyScores, AttentionInputs, "CSPConfig", torch.Tensor], torch.Tensor]
 
 
@@ -81,7 +81,7 @@ def get_policy(name: str) -> Policy:
 
 def primary_only(scores: PolicyScores, inputs: AttentionInputs, config: CSPConfig, k_total: torch.Tensor) -> torch.Tensor:
     """All K picks from the primary score."""
-    return torch.zeros(k_total.shape[0], inputs.kv_heads, dtype=torch.int64, device=k_total.device)
+    return torch.zeros_like(k_total)
 
 
 def cross_ratio_split(scores: PolicyScores, inputs: AttentionInputs, config: CSPConfig, k_total: torch.Tensor) -> torch.Tensor:
@@ -97,14 +97,14 @@ def cross_ratio_split(scores: PolicyScores, inputs: AttentionInputs, config: CSP
     else:
         ratio = torch.full_like(population, float(rule)).expand(-1, inputs.kv_heads)
     ratio = torch.where(population > 0, ratio, 0.0)
-    k_cross = torch.round(k_total[:, None].to(torch.float64) * ratio).to(torch.int64)
-    return torch.minimum(k_cross.clamp(min=0), k_total[:, None])
+    k_cross = torch.round(k_total.to(torch.float64) * ratio).to(torch.int64)
+    return torch.minimum(k_cross.clamp(min=0), k_total)
 
 
 def text_first_split(scores: PolicyScores, inputs: AttentionInputs, config: CSPConfig, k_total: torch.Tensor) -> torch.Tensor:
     """Text candidates first (primary), the rest of K by the secondary score."""
     text = (inputs.candidates() & (inputs.modality == 0)).sum(-1)
-    return (k_total - text).clamp(min=0)[:, None].expand(-1, inputs.kv_heads)
+    return (k_total - text[:, None]).clamp(min=0)
 
 
 _POLICIES["full"] = Policy("full", "no eviction: the whole prompt is kept", None, primary_only, traceable=True)

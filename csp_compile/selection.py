@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from csp_compile.adaptive import head_counts, is_adaptive, layer_picks
 from csp_compile.config import CSPConfig
 from csp_compile.policies import PolicyScores, get_policy
 from csp_compile.scoring import AttentionInputs, default_scale
@@ -16,8 +17,9 @@ class Selection:
     """Kept prompt positions of one layer.
 
     indices: (b, hkv, max kept) int64, ascending per row, padded with -1 at the end where a
-        sequence keeps fewer than the longest one (every KV head of a sequence keeps the same count).
-    num_kept: (b,) int64 kept per sequence (B of the contract, on its real length).
+        sequence (or, with adaptive head budgets, a head) keeps fewer than the longest one.
+    num_kept: (b,) int64 kept per sequence (B of the contract, on its real length); (b, hkv) per KV
+        head with adaptive budgets (``CSPConfig.layer_budget`` / ``head_budget``).
     num_secondary: (b, hkv) picks taken from the secondary (for CSP: cross) score.
     keep_mask: (b, hkv, L) bool, the same selection as a mask.
     """
@@ -37,48 +39,65 @@ def select_kept(
     attention_mask: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
     scale: float | None = None,
+    layer: tuple[int, int] = (0, 1),
 ) -> Selection:
     """Choose the prompt positions each KV head keeps at prefill (the selection contract).
 
     query (b, hq, L, D) and key (b, hkv, L, D) are the layer's post-RoPE projections; modality
     (b, L) the per-token modality ids; attention_mask (b, L) 1 for real tokens, 0 for (left)
     padding; mask the model's own attention mask (bool True = attend, or additive),
-    broadcastable to (b, hq, L, L), or None for causal; scale defaults to 1/sqrt(D).
+    broadcastable to (b, hq, L, L), or None for causal; scale defaults to 1/sqrt(D); layer = (this
+    layer's rank among the evicting layers, their count), read by adaptive budgets only.
     """
     config = config or CSPConfig()
     inputs = make_attention_inputs(query, key, modality, config, attention_mask=attention_mask, mask=mask, scale=scale)
-    return select_from_scores(inputs, config)
+    return select_from_scores(inputs, config, layer=layer)
 
 
 def select_from_scores(
     inputs: AttentionInputs, config: CSPConfig, scores: PolicyScores | None = None, *, budgets: torch.Tensor | None = None,
+    layer: tuple[int, int] = (0, 1),
 ) -> Selection:
     """``select_kept``'s budgets, split and top-k on ``inputs``, ranking by ``scores`` (the policy's
     own, e.g. from a fused scorer) or, when None, by the policy's reference score function.
     ``budgets`` (b,) overrides B per sequence (default: the contract's B of its real length)."""
-    keep, num_kept, num_secondary = select_keep_mask(inputs, config, scores, budgets=budgets)
+    keep, num_kept, num_secondary = select_keep_mask(inputs, config, scores, budgets=budgets, layer=layer)
     return _as_selection(keep, num_kept, num_secondary)
 
 
 def select_keep_mask(
     inputs: AttentionInputs, config: CSPConfig, scores: PolicyScores | None = None, *, budgets: torch.Tensor | None = None,
+    layer: tuple[int, int] = (0, 1),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``select_from_scores`` as (keep (b, hkv, L) bool, num_kept (b,), num_secondary (b, hkv)): tensor
-    ops only, no host sync, so it traces into a compiled graph when the policy's score function does."""
+    """``select_from_scores`` as (keep (b, hkv, L) bool, num_kept, num_secondary (b, hkv)): tensor ops
+    only, no host sync, so it traces into a compiled graph when the policy's score function does.
+    num_kept is (b,) per sequence, or (b, hkv) per KV head with adaptive budgets (``adaptive``), which
+    also read ``layer`` = (this layer's rank among the evicting layers, their count)."""
     lengths = inputs.valid.sum(-1)
     policy = get_policy(config.policy)
     if policy.score is None:
         keep = inputs.valid[:, None, :].expand(-1, inputs.kv_heads, -1)
-        return keep, lengths, torch.zeros(keep.shape[:2], dtype=torch.int64, device=keep.device)
+        num_kept = lengths[:, None].expand(-1, inputs.kv_heads) if is_adaptive(config) else lengths
+        return keep, num_kept, torch.zeros(keep.shape[:2], dtype=torch.int64, device=keep.device)
     if budgets is None:
         budgets = budgets_for(lengths, config)[0]
-    k_total = (budgets.to(inputs.window.device) - inputs.window).clamp(min=0)
+    window = inputs.window
+    k_uniform = (budgets.to(window.device) - window).clamp(min=0)
     scores = policy.score(inputs, config) if scores is None else scores
+    candidates = inputs.candidates()
+    k_layer = layer_picks(k_uniform, candidates.sum(-1), *layer, config)
+    k_total = head_counts(allocation_score(scores), candidates, k_layer, k_uniform, config)  # (b, hkv)
     k_secondary = policy.split(scores, inputs, config, k_total)
-    keep = pick_top(scores, inputs.candidates(), k_total, k_secondary)
+    keep = pick_top(scores, candidates, k_total, k_secondary)
     positions = torch.arange(inputs.length, device=keep.device)
-    in_window = positions[None, :] >= (inputs.length - inputs.window)[:, None]
-    return keep | in_window[:, None, :], budgets, k_secondary
+    in_window = positions[None, :] >= (inputs.length - window)[:, None]
+    num_kept = k_total + window[:, None] if is_adaptive(config) else budgets
+    return keep | in_window[:, None, :], num_kept, k_secondary
+
+
+def allocation_score(scores: PolicyScores) -> torch.Tensor:
+    """(b, hkv, L) what adaptive per-head budgets compare across heads: primary + secondary score."""
+    return scores.primary if scores.secondary is None else scores.primary + scores.secondary
 
 
 def budgets_for(real: torch.Tensor, config: CSPConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,22 +120,24 @@ def left_aligned(selection: Selection, slots: int) -> tuple[torch.Tensor, torch.
 
 
 def kept_layout(keep: torch.Tensor, num_kept: torch.Tensor, slots: int | torch.SymInt) -> tuple[torch.Tensor, torch.Tensor]:
-    """The cache layout of a keep mask (b, hkv, L) keeping ``num_kept`` (b,) <= ``slots`` per KV head:
-    (indices (b, hkv, slots) ascending with -1 in the leading empty slots, slot_valid (b, slots)); a
-    sequence keeping n fills the last n slots, like left padding, so at full budget the layout
-    equals the prompt's. Tensor ops only (traceable)."""
+    """The cache layout of a keep mask (b, hkv, L) keeping ``num_kept`` <= ``slots`` per KV head, (b,)
+    or (b, hkv): (indices (b, hkv, slots) ascending with -1 in the leading empty slots, slot_valid of
+    ``num_kept``'s shape plus ``slots``); a sequence keeping n fills the last n slots, like left padding,
+    so at full budget the layout equals the prompt's. Tensor ops only (traceable)."""
     length = keep.shape[-1]
     positions = torch.arange(length, device=keep.device)
     ordered = torch.sort(torch.where(keep, positions, -1), dim=-1).values  # -1 first, kept ascending last
     indices = ordered[..., length - slots:].contiguous()
     slot = torch.arange(slots, device=keep.device)
-    return indices, slot[None, :] >= (slots - num_kept.to(keep.device))[:, None]
+    return indices, slot >= (slots - num_kept.to(keep.device))[..., None]
 
 
 def gather_kept(states: torch.Tensor, indices: torch.Tensor, slot_valid: torch.Tensor) -> torch.Tensor:
-    """Cache states (b, hkv, L, D) at ``left_aligned`` slot ``indices`` (b, hkv, P); zeros at empty slots."""
+    """Cache states (b, hkv, L, D) at ``left_aligned`` slot ``indices`` (b, hkv, P); zeros at empty slots
+    (``slot_valid`` (b, P), or (b, hkv, P) with per-head counts)."""
     safe = indices.clamp(min=0)[..., None].expand(-1, -1, -1, states.shape[-1])
-    return torch.where(slot_valid[:, None, :, None], states.gather(2, safe), 0)
+    valid = slot_valid[:, None, :, None] if slot_valid.dim() == 2 else slot_valid[..., None]
+    return torch.where(valid, states.gather(2, safe), 0)
 
 
 def check_query_key(query: torch.Tensor, key: torch.Tensor) -> tuple[int, int, int, int]:
@@ -167,18 +188,18 @@ def make_attention_inputs(
 
 
 def pick_top(scores: PolicyScores, candidates: torch.Tensor, k_total: torch.Tensor, k_secondary: torch.Tensor) -> torch.Tensor:
-    """(b, hkv, L) bool: top ``k_total - k_secondary`` candidates by the primary score, then the top
+    """(b, hkv, L) bool, per KV head (``k_total``, ``k_secondary`` (b, hkv)): top ``k_total - k_secondary`` candidates by the primary score, then the top
     ``k_secondary`` of the remaining candidates by the secondary score. Ties go to the earlier position."""
     cand = candidates[:, None, :].expand_as(scores.primary)
-    k_primary = (k_total[:, None] - k_secondary)[..., None]
-    taken = cand & (_rank_desc(scores.primary, cand) < k_primary)
+    k_primary = (k_total - k_secondary)[..., None]
+    taken = cand & (rank_desc(scores.primary, cand) < k_primary)
     if scores.secondary is None:
         return taken
     rest = cand & ~taken
-    return taken | (rest & (_rank_desc(scores.secondary, rest) < k_secondary[..., None]))
+    return taken | (rest & (rank_desc(scores.secondary, rest) < k_secondary[..., None]))
 
 
-def _rank_desc(score: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
+def rank_desc(score: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
     """Rank of each position (0 = best) with eligible positions first, then score descending,
     then position ascending."""
     order = torch.argsort(score, dim=-1, descending=True, stable=True)

@@ -2,6 +2,7 @@
 bad input -> exit code 2 with one line naming what was wrong."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import transformers
 from hypothesis import given
 from hypothesis import strategies as st
 
+from csp_compile import CSPConfig
 from csp_compile.cli import main
 from csp_compile.data.model import SHIPPED_MODEL_DIR
 from csp_compile.evaluation import PolicySpec, parse_budgets, parse_policies, parse_policy
@@ -53,7 +55,7 @@ def test_show_kept_runs(task_model_dir, tmp_path, capsys):
     [
         (["eval", "--model", "/nonexistent/model"], "does not exist"),
         (["eval", "--policies", "csp,snapkb"], "unknown policy 'snapkb'"),
-        (["eval", "--policies", "snapkv:mass"], "only csp takes a cross-ratio rule"),
+        (["eval", "--policies", "snapkv:mass"], "snapkv takes ':k<odd kernel>'"),
         (["eval", "--budgets", "0.2,1.5"], "budget 1.5 is out of range"),
         (["eval", "--n", "0"], "--n must be >= 1"),
         (["show-kept", "--budget", "0"], "budget"),
@@ -143,7 +145,7 @@ def test_broken_model_dir_is_one_line_naming_model_and_exit_2(command, case, mes
         (["show-kept", "--policy", "csp:bogus"], "csp:bogus", "unknown cross-ratio rule"),
         (["show-kept", "--policy", "csp:1.5"], "csp:1.5", "outside [0, 1]"),
         (["show-kept", "--policy", "csp:"], "csp:", "unknown cross-ratio rule"),
-        (["show-kept", "--policy", "h2o:mass"], "h2o:mass", "only csp takes a cross-ratio rule"),
+        (["show-kept", "--policy", "h2o:mass"], "h2o:mass", "only csp (cross-ratio rule) and snapkv"),
         (["show-kept", "--policy", ""], "", "is empty"),
         (["eval", "--policies", "csp,snapkb"], "snapkb", "unknown policy"),
         (["eval", "--policies", "csp:population,csp:bogus"], "csp:bogus", "unknown cross-ratio rule"),
@@ -161,9 +163,9 @@ def test_bad_policy_is_one_line_naming_the_option_and_exit_2(argv, value, messag
 
 
 def test_parse_policy_takes_exactly_one():
-    assert parse_policy("csp:mass") == PolicySpec("csp:mass", "csp", "mass")
+    assert parse_policy("csp:mass") == PolicySpec("csp:mass", "csp", (("cross_ratio", "mass"),))
     assert parse_policy(" snapkv ") == PolicySpec("snapkv", "snapkv")
-    assert parse_policy("csp:0.25") == PolicySpec("csp:0.25", "csp", 0.25)
+    assert parse_policy("csp:0.25") == PolicySpec("csp:0.25", "csp", (("cross_ratio", 0.25),))
     with pytest.raises(ValueError, match="--policy 'csp,snapkv' .* exactly one policy: allowed one of"):
         parse_policy("csp,snapkv")
 
@@ -204,6 +206,33 @@ def test_policy_parsing_accepts_known_names_or_says_what_is_allowed(text):
     for spec in specs:
         assert spec.policy in available_policies()
         assert spec.cross_ratio is None or spec.policy == "csp"
+        spec.config(0.5, CSPConfig())  # every accepted spec is a valid config
+
+
+@pytest.mark.parametrize("text, policy, fields", [
+    ("adakv", "snapkv", {"head_budget": "adaptive"}),
+    ("pyramidkv", "snapkv", {"layer_budget": "pyramid"}),
+    ("snapkv:k1", "snapkv", {"pool_kernel": 1}),
+    ("csp+pyramid+adaptive", "csp", {"layer_budget": "pyramid", "head_budget": "adaptive"}),
+    ("csp:mass+adaptive", "csp", {"cross_ratio": "mass", "head_budget": "adaptive"}),
+    ("random+pyramid", "random", {"layer_budget": "pyramid"}),
+])
+def test_policy_specs_name_baselines_and_adaptive_budgets(text, policy, fields):
+    spec = parse_policy(text)
+    config = spec.config(0.1, CSPConfig())
+    assert spec.label == text and config.policy == policy and config.budget == 0.1
+    assert {name: getattr(config, name) for name in fields} == fields
+
+
+@pytest.mark.parametrize("text, message", [
+    ("snapkv:k4", "snapkv takes ':k<odd kernel>'"),
+    ("h2o:mass", "only csp (cross-ratio rule) and snapkv (pooling kernel) take a variant"),
+    ("csp+wide", "unknown modifier '+wide'"),
+    ("random+adaptive", "head_budget='adaptive' is invalid"),
+])
+def test_bad_policy_specs_say_what_is_allowed(text, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parse_policy(text)
 
 
 @given(values=st.lists(st.floats(allow_nan=True, allow_infinity=True), min_size=1, max_size=5))

@@ -10,7 +10,8 @@ import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 from transformers.masking_utils import create_causal_mask
 
-from csp_compile.cache import LogicalLayer, SlotMap, TokenLog, adopt_logical_layers, offset_attention_mask
+from csp_compile.cache import LogicalLayer, SlotMap, TokenLog, adopt_logical_layers
+from csp_compile.masks import offset_attention_mask
 from csp_compile.tiny_vlms import build_tiny_vlm
 
 pytestmark = pytest.mark.slow  # compiles whole models: `pytest -m "not slow"` skips this module

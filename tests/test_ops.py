@@ -122,7 +122,7 @@ def test_selection_is_select_kept_in_the_cache_layout(case, carrier):
         indices, slot_valid = select(p["query"], p["key"], lse, p["attn_mask"], p["modality"], p["attention_mask"])
     else:
         indices, slot_valid = SELECT_REFERENCE(p["query"], p["key"], p["attn_mask"], p["modality"],
-                                               p["attention_mask"], scale, is_causal, config_to_op_arg(config))
+                                               p["attention_mask"], scale, is_causal, config_to_op_arg(config), 0, 1)
     select_mask = p["attn_mask"]
     length = p["query"].shape[2]
     if select_mask is None and not is_causal:
@@ -176,7 +176,7 @@ def test_fake_tensor_shapes_and_opcheck(prob, op_kwargs, config):
         (ATTENTION, (p["query"], p["key"], p["value"], p["attn_mask"], None, is_causal,
                      op_kwargs.get("enable_gqa", False), None, config.window, [p["key"]])),
         (SELECT_REFERENCE, (p["query"], p["key"], p["attn_mask"], p["modality"], p["attention_mask"], None, is_causal,
-                            config_to_op_arg(config))),
+                            config_to_op_arg(config), 0, 1)),
     ]
     for op, args in calls:
         real = op(*args)

@@ -43,6 +43,9 @@ def test_csp_config_is_off_without_the_key_and_validated_with_it():
         csp_config({"csp": 0.2})
     with pytest.raises(ValueError, match="prefill_chunk=64 is not supported in vLLM"):
         csp_config({"csp": {"prefill_chunk": 64}})
+    with pytest.raises(ValueError, match="head_budget='adaptive' is not supported in vLLM"):
+        csp_config({"csp": {"head_budget": "adaptive"}})
+    assert csp_config({"csp": {"layer_budget": "uniform"}}).layer_budget == "uniform"
 
 
 def _engine(prefix=False, chunked=False, tp=1, csp=True):

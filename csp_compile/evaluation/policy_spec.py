@@ -1,8 +1,10 @@
-"""Policy specs of the command line: ``csp``, ``csp:population``, ``snapkv`` ... -> CSPConfig."""
+"""Policy specs of the command line: ``csp``, ``csp:population``, ``snapkv:k1``, ``adakv``, ``csp+pyramid``
+... -> CSPConfig."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from csp_compile.config import CROSS_RATIO_RULES, CSPConfig
 from csp_compile.policies import available_policies
@@ -12,42 +14,77 @@ __all__ = ["PolicySpec", "chunk_label", "parse_budgets", "parse_policies", "pars
 
 @dataclass(frozen=True)
 class PolicySpec:
-    """One evaluated policy: its label (``csp:mass``), registered policy and cross-ratio override."""
+    """One evaluated policy: its label (``csp:mass``, ``adakv``, ``csp+pyramid``), registered policy and
+    the CSPConfig fields it sets (``cross_ratio``, ``pool_kernel``, ``layer_budget``, ``head_budget``)."""
 
     label: str
     policy: str
-    cross_ratio: str | float | None = None
+    fields: tuple[tuple[str, Any], ...] = ()
 
     def config(self, budget: float, base: CSPConfig) -> CSPConfig:
-        """``base`` with this policy and ``budget`` (and the cross-ratio rule, when the spec names one)."""
-        fields: dict = {"policy": self.policy, "budget": budget}
-        if self.cross_ratio is not None:
-            fields["cross_ratio"] = self.cross_ratio
-        return base.replace(**fields)
+        """``base`` with this policy, ``budget`` and the spec's fields."""
+        return base.replace(policy=self.policy, budget=budget, **dict(self.fields))
+
+    @property
+    def cross_ratio(self) -> str | float | None:
+        return dict(self.fields).get("cross_ratio")
+
+
+# Baselines named after their papers: a registered policy plus the fields that make it that method.
+ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
+    "adakv": ("snapkv", {"head_budget": "adaptive"}),  # AdaKV (Feng et al. 2024) on SnapKV scores
+    "pyramidkv": ("snapkv", {"layer_budget": "pyramid"}),  # PyramidKV (Cai et al. 2024) on SnapKV scores
+}
+MODIFIERS: dict[str, dict[str, str]] = {"pyramid": {"layer_budget": "pyramid"}, "adaptive": {"head_budget": "adaptive"}}
 
 
 def _allowed() -> str:
     rules = ", ".join(f"csp:{rule}" for rule in CROSS_RATIO_RULES)
-    return f"{', '.join(available_policies())}, {rules} or csp:<float in [0, 1]>"
+    return (f"{', '.join(available_policies())}, {', '.join(ALIASES)}, {rules}, csp:<float in [0, 1]>, "
+            f"snapkv:k<odd pooling kernel>, each optionally followed by {' / '.join('+' + m for m in MODIFIERS)}")
 
 
 def _parse_one(text: str, option: str) -> PolicySpec:
-    name, colon, rule = text.partition(":")
-    if name not in available_policies():
+    head, *modifiers = text.split("+")
+    name, colon, variant = head.partition(":")
+    fields: dict[str, Any] = {}
+    if name in ALIASES and not colon:
+        name, aliased = ALIASES[name]
+        fields.update(aliased)
+    elif name not in available_policies():
         raise ValueError(f"{option}: unknown policy {text!r}; allowed {_allowed()}")
-    if not colon:
-        return PolicySpec(text, name)
-    if name != "csp":
-        raise ValueError(f"{option}: policy {text!r}: only csp takes a cross-ratio rule after ':'; allowed {_allowed()}")
-    if rule in CROSS_RATIO_RULES:
-        return PolicySpec(text, name, rule)
+    if colon:
+        fields.update(_variant(name, variant, text, option))
+    for modifier in modifiers:
+        if modifier not in MODIFIERS:
+            raise ValueError(f"{option}: policy {text!r}: unknown modifier '+{modifier}'; allowed {_allowed()}")
+        fields.update(MODIFIERS[modifier])
     try:
-        ratio = float(rule)
+        CSPConfig(policy=name, **fields)
+    except ValueError as error:
+        raise ValueError(f"{option}: policy {text!r}: {error}") from None
+    return PolicySpec(text, name, tuple(sorted(fields.items())))
+
+
+def _variant(name: str, variant: str, text: str, option: str) -> dict[str, Any]:
+    """The fields of ``csp:<rule>`` or ``snapkv:k<kernel>``."""
+    if name == "snapkv":
+        kernel = variant[1:]
+        if not (variant.startswith("k") and kernel.isdigit() and int(kernel) % 2 == 1):
+            raise ValueError(f"{option}: policy {text!r}: snapkv takes ':k<odd kernel>' (e.g. snapkv:k1); allowed {_allowed()}")
+        return {"pool_kernel": int(kernel)}
+    if name != "csp":
+        raise ValueError(f"{option}: policy {text!r}: only csp (cross-ratio rule) and snapkv (pooling kernel) take a "
+                         f"variant after ':'; allowed {_allowed()}")
+    if variant in CROSS_RATIO_RULES:
+        return {"cross_ratio": variant}
+    try:
+        ratio = float(variant)
     except ValueError:
-        raise ValueError(f"{option}: policy {text!r}: unknown cross-ratio rule {rule!r}; allowed {_allowed()}") from None
+        raise ValueError(f"{option}: policy {text!r}: unknown cross-ratio rule {variant!r}; allowed {_allowed()}") from None
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"{option}: policy {text!r}: cross ratio {ratio} is outside [0, 1]; allowed {_allowed()}")
-    return PolicySpec(text, name, ratio)
+    return {"cross_ratio": ratio}
 
 
 def parse_policies(text: str, option: str = "--policies") -> list[PolicySpec]:

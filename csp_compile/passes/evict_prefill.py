@@ -162,20 +162,21 @@ def rewrite_prefill(gm: fx.GraphModule, plan: PrefillPlan, config: CSPConfig, *,
     extra_outputs: list[fx.Node] = []
     bool_masks: dict[fx.Node, tuple[fx.Node, fx.Node]] = {}
     previous: list[fx.Node] = []
-    for site in plan.sites:
+    for rank, site in enumerate(plan.sites):
         m = site.match
         attention, output, window_lse, mask = _emit_attention(graph, m, site.key_cat, site.value_cat, config.window,
                                                               bool_masks, after=previous)
         with graph.inserting_before(m.output):
             if traced:
-                target = selection_node_target(config, m.scale, m.is_causal)
-                selection = _node(graph, target, (m.query, site.key_cat, window_lse, mask, modality, padding))
+                target = selection_node_target(config, m.scale, m.is_causal, (rank, len(plan.sites)))
+                selection = call_node(graph, target, (m.query, site.key_cat, window_lse, mask, modality, padding))
             else:
-                selection = _node(graph, SELECT_REFERENCE_OP, (m.query, site.key_cat, mask, modality, padding, m.scale,
-                                                               m.is_causal, config_to_op_arg(config)))
-            kept, slot_valid = (_node(graph, operator.getitem, (selection, i)) for i in range(2))
-            replaced[site.key_cat] = _node(graph, gather_kept, (site.key_cat, kept, slot_valid))
-            replaced[site.value_cat] = _node(graph, gather_kept, (site.value_cat, kept, slot_valid))
+                selection = call_node(graph, SELECT_REFERENCE_OP, (m.query, site.key_cat, mask, modality, padding, m.scale,
+                                                               m.is_causal, config_to_op_arg(config), rank,
+                                                               len(plan.sites)))
+            kept, slot_valid = (call_node(graph, operator.getitem, (selection, i)) for i in range(2))
+            replaced[site.key_cat] = call_node(graph, gather_kept, (site.key_cat, kept, slot_valid))
+            replaced[site.value_cat] = call_node(graph, gather_kept, (site.value_cat, kept, slot_valid))
         previous = [replaced[site.key_cat], replaced[site.value_cat]]
         m.output.replace_all_uses_with(output)
         extra_outputs += [kept, slot_valid, _window_rows(graph, m.query, config.window, attention)]
@@ -211,13 +212,13 @@ def _emit_attention(graph: fx.Graph, m: AttentionMatch, key: fx.Node, value: fx.
     if _full_bool_mask(m):
         if m.mask not in bool_masks:
             with graph.inserting_before(m.output):
-                shared = _node(graph, shared_mask_graph, (m.mask,))
-                bool_masks[m.mask] = shared, _node(graph, mask_is_causal_graph, (shared,))
+                shared = call_node(graph, shared_mask_graph, (m.mask,))
+                bool_masks[m.mask] = shared, call_node(graph, mask_is_causal_graph, (shared,))
         mask, mask_is_causal = bool_masks[m.mask]
     with graph.inserting_before(m.output):
-        attention = _node(graph, ATTENTION_OP, (m.query, key, value, mask, m.scale, m.is_causal,
+        attention = call_node(graph, ATTENTION_OP, (m.query, key, value, mask, m.scale, m.is_causal,
                                                 m.pattern == "sdpa_gqa", mask_is_causal, lse_rows, list(after)))
-        output, window_lse = (_node(graph, operator.getitem, (attention, i)) for i in range(2))
+        output, window_lse = (call_node(graph, operator.getitem, (attention, i)) for i in range(2))
     return attention, output, window_lse, mask
 
 
@@ -245,7 +246,7 @@ def expose_window_queries(gm: fx.GraphModule, sites: tuple[Site, ...], window: i
     return PrefillRewrite(len(outputs), tuple(s.match.layer_index for s in sites))
 
 
-def _node(graph: fx.Graph, target: object, args: tuple) -> fx.Node:
+def call_node(graph: fx.Graph, target: object, args: tuple) -> fx.Node:
     """A ``call_function`` node with its example value (what Dynamo's graph carries and later passes read)."""
     node = graph.call_function(target, args)
     fakes = fx.node.map_arg(args, lambda arg: arg.meta.get("example_value"))
@@ -260,8 +261,8 @@ def _window_rows(graph: fx.Graph, query: fx.Node, window: int, before: fx.Node) 
     ``before``: a copy, so the graph's output does not keep the prompt's whole Q alive (a view would,
     one (b, hq, L, D) tensor per layer until the forward returns)."""
     with graph.inserting_before(before):
-        rows = _node(graph, operator.getitem, (query, (slice(None), slice(None), slice(-window, None))))
-        return _node(graph, torch.clone, (rows,))
+        rows = call_node(graph, operator.getitem, (query, (slice(None), slice(None), slice(-window, None))))
+        return call_node(graph, torch.clone, (rows,))
 
 
 def copy_dynamo_graph(gm: fx.GraphModule) -> fx.GraphModule:

@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from csp_compile.adaptive import slot_factor
 from csp_compile.config import CSPConfig
 from csp_compile.scoring import AttentionInputs, default_scale
 from csp_compile.selection import budgets_for, kept_layout, select_keep_mask
@@ -25,13 +26,20 @@ __all__ = ["kept_slots", "prefill_selection", "selection_mask", "selection_node_
 
 def kept_slots(length: int | torch.SymInt, config: CSPConfig) -> int | torch.SymInt:
     """P: cache slots per sequence after a prefill of a (padded) prompt of ``length`` tokens: the
-    contract's B of ``length`` (``resolve_budget``), or ``length`` for the "full" policy. Sym ops, so a
-    symbolic length gives a backed expression of it (``round`` of a SymFloat is half to even, as Python's)."""
+    contract's B of ``length`` (``resolve_budget``), or ``length`` for the "full" policy; with adaptive
+    budgets ``W + 2K`` (``adaptive.slot_factor``), capped at ``length``. Sym ops, so a symbolic length
+    gives a backed expression of it (``round`` of a SymFloat is half to even, as Python's)."""
     if config.policy == "full":
         return length
     if isinstance(config.budget, float):
-        return torch.sym_min(length, torch.sym_max(config.window, round(config.budget * length)))
-    return torch.sym_min(length, config.budget)
+        budget = torch.sym_min(length, torch.sym_max(config.window, round(config.budget * length)))
+    else:
+        budget = torch.sym_min(length, config.budget)
+    factor = slot_factor(config)
+    if factor == 1:
+        return budget
+    window = torch.sym_min(config.window, budget)
+    return torch.sym_min(length, window + factor * (budget - window))
 
 
 def prefill_selection(
@@ -45,9 +53,10 @@ def prefill_selection(
     config: CSPConfig,
     scale: float | None,
     is_causal: bool,
+    layer: tuple[int, int] = (0, 1),
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(kept indices (b, hkv, P) int64, slot_valid (b, P) bool) of one prefill layer, laid out by
-    ``kept_layout``. query (b, hq, L, D) / key (b, hkv, L, D) post-RoPE; window_lse (b, hq, R') the
+    """(kept indices (b, hkv, P) int64, slot_valid (b, P) bool, (b, hkv, P) with adaptive budgets) of one
+    prefill layer, laid out by ``kept_layout``; ``layer`` = (rank among the evicting layers, their count). query (b, hq, L, D) / key (b, hkv, L, D) post-RoPE; window_lse (b, hq, R') the
     attention kernel's log-sum-exp of the last R' >= min(window, P) query rows, or None (then computed
     here: also when ``attn_mask`` is None, as the kernel's then counts padding keys); attn_mask / is_causal as the model passed them to SDPA (None and not causal =
     bidirectional); modality (b, L) ids or None (all text); padding (b, L) 1 = real, 0 = left padding,
@@ -69,7 +78,7 @@ def prefill_selection(
         scale=default_scale(dim) if scale is None else float(scale),
         window=window, rows=rows, window_lse=window_lse,
     )
-    keep, num_kept, _ = select_keep_mask(inputs, config, budgets=budgets)
+    keep, num_kept, _ = select_keep_mask(inputs, config, budgets=budgets, layer=layer)
     return kept_layout(keep, num_kept, slots)
 
 
@@ -83,12 +92,12 @@ def selection_mask(attn_mask: torch.Tensor | None, is_causal: bool, length: int,
     return attn_mask
 
 
-def selection_node_target(config: CSPConfig, scale: float, is_causal: bool) -> Callable:
+def selection_node_target(config: CSPConfig, scale: float, is_causal: bool, layer: tuple[int, int] = (0, 1)) -> Callable:
     """A function of the tensor arguments alone, for a ``call_function`` node of the prefill graph (the
-    config and scale are constants of the rewrite, bound here rather than written into the graph)."""
+    config, scale and layer rank are constants of the rewrite, bound here rather than written into the graph)."""
 
     def csp_prefill_selection(query, key, window_lse, attn_mask, modality, padding):
         return prefill_selection(query, key, window_lse, attn_mask, modality, padding,
-                                 config=config, scale=scale, is_causal=is_causal)
+                                 config=config, scale=scale, is_causal=is_causal, layer=layer)
 
     return csp_prefill_selection

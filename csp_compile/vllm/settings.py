@@ -2,8 +2,9 @@
 
 The ``"csp"`` mapping holds ``CSPConfig`` fields (validated by ``CSPConfig`` itself). Fields of the
 transformers path that have no vLLM meaning yet are refused: ``prefill_chunk`` and
-``decode_budget`` (chunked and decode-time re-selection), ``on_new_turn`` other than the default
-(a vLLM request is one turn).
+``decode_budget`` (chunked and decode-time re-selection), adaptive ``layer_budget`` / ``head_budget``
+(vLLM's blocks hold one count per layer and head), ``on_new_turn`` other than the default (a vLLM
+request is one turn).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from csp_compile.config import CSPConfig
 __all__ = ["CONFIG_KEY", "check_engine", "csp_config"]
 
 CONFIG_KEY = "csp"
-_UNSUPPORTED = {"prefill_chunk": None, "decode_budget": None}
+_UNSUPPORTED = {"prefill_chunk": None, "decode_budget": None, "layer_budget": "uniform", "head_budget": "uniform"}
 
 
 def _fail(message: str) -> NoReturn:
