@@ -11,7 +11,7 @@ CROSS_RATIO_RULES = ("auto", "population", "mass")
 NEW_TURN_MODES = ("evict", "append")
 LAYER_BUDGETS = ("uniform", "pyramid")
 HEAD_BUDGETS = ("uniform", "adaptive")
-MASS_POLICIES = ("csp", "snapkv", "h2o")  # scores that are attention mass, comparable across heads
+MASS_POLICIES = ("csp", "csp_giveback", "snapkv", "h2o")  # scores that are attention mass, comparable across heads
 
 
 def _fail(field: str, value: Any, allowed: str) -> None:

@@ -101,6 +101,13 @@ def cross_ratio_split(scores: PolicyScores, inputs: AttentionInputs, config: CSP
     return torch.minimum(k_cross.clamp(min=0), k_total)
 
 
+def cross_give_back_split(scores: PolicyScores, inputs: AttentionInputs, config: CSPConfig, k_total: torch.Tensor) -> torch.Tensor:
+    """``cross_ratio_split``, but never more cross picks than candidates with a cross score above 0: the rest
+    of the quota goes back to the self ranking (DESIGN §2 fills it with the earliest zero-score positions)."""
+    scored = ((scores.secondary > 0) & inputs.candidates()[:, None, :]).sum(-1)
+    return torch.minimum(cross_ratio_split(scores, inputs, config, k_total), scored)
+
+
 def text_first_split(scores: PolicyScores, inputs: AttentionInputs, config: CSPConfig, k_total: torch.Tensor) -> torch.Tensor:
     """Text candidates first (primary), the rest of K by the secondary score."""
     text = (inputs.candidates() & (inputs.modality == 0)).sum(-1)
@@ -125,6 +132,14 @@ def csp_scores(inputs: AttentionInputs, config: CSPConfig) -> PolicyScores:
         scoring.gqa_mean(self_scores, inputs.kv_heads),
         scoring.gqa_mean(cross_scores, inputs.kv_heads),
     )
+
+
+register_policy(
+    "csp_giveback",
+    "CSP with the cross quota no candidate's cross score fills given back to the self ranking (a study, issue 12)",
+    split=cross_give_back_split,
+    traceable=True,
+)(csp_scores)
 
 
 @register_policy("snapkv", "SnapKV: softmax window attention summed over the window, average-pooled", traceable=True)

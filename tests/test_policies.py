@@ -145,3 +145,24 @@ def test_policies_are_deterministic(case):
     for b, length in enumerate(case.attention_mask.sum(-1).tolist()):
         expected = length if case.config.policy == "full" else contract_budget(length, case.config.budget, case.config.window)[0]
         assert int(first.num_kept[b]) == expected
+
+
+def test_csp_giveback_returns_the_unfillable_cross_quota_to_the_self_ranking():
+    """Window all text, 4 image candidates, K_cross = 8: CSP takes its last 4 cross picks at score 0 (the
+    earliest positions); csp_giveback takes the 4 scored ones and gives the rest to the self ranking."""
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 4, 40, 16, generator=gen), torch.randn(1, 2, 40, 16, generator=gen)
+    modality = torch.zeros(1, 40, dtype=torch.int64)
+    modality[0, 5:9] = 1
+    config = CSPConfig(budget=0.5, window=4, cross_ratio=0.5)
+    csp = select_kept(q, k, modality, config)
+    giveback = select_kept(q, k, modality, config.replace(policy="csp_giveback"))
+    assert csp.num_secondary.tolist() == [[8, 8]] and giveback.num_secondary.tolist() == [[4, 4]]
+    inputs = make_attention_inputs(q, k, modality, config)
+    self_scores = get_policy("csp").score(inputs, config).primary
+    for h in range(2):
+        kept = set(giveback.indices[0, h].tolist())
+        assert {5, 6, 7, 8} <= kept and {36, 37, 38, 39} <= kept
+        text = [i for i in range(36) if not 5 <= i < 9]
+        best_text = sorted(text, key=lambda i: (-float(self_scores[0, h, i]), i))[:12]
+        assert kept == set(best_text) | {5, 6, 7, 8, 36, 37, 38, 39}

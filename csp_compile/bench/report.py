@@ -28,6 +28,10 @@ FIGURES: dict[str, str] = {
     "decode_speedup_b20":
         "per-token decode time, full cache / CSP at budget {budget}, both compiled, {long_prompt}-token prompt, "
         "median over {decode_steps} steps per variant (first {skipped} steps of each generate skipped: they compile)",
+    "adaptive_decode_ratio":
+        "per-token decode time, CSP with layer_budget=pyramid and head_budget=adaptive (a rectangular cache of W + 2K "
+        "slots per head, empty ones masked per head) / CSP with uniform budgets, {long_prompt}-token prompt, medians "
+        "as above",
     "kv_bytes_ratio_b20":
         "KV bytes in the cache tensors after a {long_prompt}-token prefill, CSP at budget {budget} / full",
     "decode_recompiles":
@@ -59,6 +63,8 @@ TARGETS: dict[str, tuple[str, Check]] = {
     "decode_bound_b20": (">= 2", lambda r: _finite(r["decode_bound_b20"]) and r["decode_bound_b20"] >= 2),
     "decode_speedup_b20": (">= 0.8 x decode_bound_b20", lambda r: _finite(r["decode_speedup_b20"])
                            and r["decode_speedup_b20"] >= 0.8 * r["decode_bound_b20"]),
+    "adaptive_decode_ratio": ("<= 1.05", lambda r: _finite(r["adaptive_decode_ratio"])
+                              and r["adaptive_decode_ratio"] <= 1.05),
     "kv_bytes_ratio_b20": ("budget +- 0.01", lambda r: _finite(r["kv_bytes_ratio_b20"])
                            and abs(r["kv_bytes_ratio_b20"] - r["budget"]) <= 0.01),
     "decode_recompiles": ("== 0", lambda r: r["decode_recompiles"] == 0),

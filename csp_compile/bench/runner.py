@@ -3,7 +3,7 @@
 Copies of the bench Llava with identical random weights: one with its language model compiled as
 the plain baseline (``baseline``: Inductor, the same attention op and causal shortcut, nothing
 evicted), one under ``csp_compile.optimize`` with CSP and, for the prefill overhead, one with
-SnapKV. Timings take turns between the variants, so load from other jobs on a shared machine hits
+SnapKV and, for decode speed, one with CSP on adaptive budgets (PyramidKV layers, AdaKV heads). Timings take turns between the variants, so load from other jobs on a shared machine hits
 them alike; every figure is a ratio of two measurements made here.
 """
 
@@ -26,6 +26,7 @@ __all__ = ["BenchSettings", "OVERHEAD_CASES", "run_bench"]
 # prefill overhead prompts: text only (causal mask), image_share image tokens, a left-padded batch of 2
 OVERHEAD_CASES = ("text", "image", "padded")
 PREFILL_VARIANTS = ("plain", "csp", "snapkv")
+ADAPTIVE = {"layer_budget": "pyramid", "head_budget": "adaptive"}  # the decode-speed check of adaptive budgets
 
 
 @dataclass(frozen=True)
@@ -85,14 +86,15 @@ def _steps(s: BenchSettings, r: dict[str, Any], state: dict[str, Any]) -> Iterat
     config = CSPConfig(budget=s.budget, window=s.window)
 
     def build() -> None:
-        models = [bench_model.build_bench_model(s.shape, device=s.device, dtype=s.dtype) for _ in range(3)]
-        state["plain"], state["csp"], state["snapkv"] = models
+        models = [bench_model.build_bench_model(s.shape, device=s.device, dtype=s.dtype) for _ in range(4)]
+        state["plain"], state["csp"], state["snapkv"], state["adaptive"] = models
         baseline.compile_plain(models[0])
         csp_compile.optimize(models[1], config)
         csp_compile.optimize(models[2], config.replace(policy="snapkv"))
+        csp_compile.optimize(models[3], config.replace(**ADAPTIVE))
         state["short"] = bench_model.bench_inputs(models[0], s.prompt, image_share=s.image_share, device=s.device)
         state["long"] = bench_model.bench_inputs(models[0], s.long_prompt, image_share=s.image_share, device=s.device)
-    yield "build the bench models (plain, CSP, SnapKV)", build
+    yield "build the bench models (plain, CSP, SnapKV, CSP with adaptive budgets)", build
 
     def score() -> None:
         m = state["plain"]
@@ -134,9 +136,9 @@ def _steps(s: BenchSettings, r: dict[str, Any], state: dict[str, Any]) -> Iterat
         r.update(prefill_overhead_ratio=ratios[worst], prefill_overhead_worst_case=worst,
                  prefill_overhead_cases=ratios, prefill_ms=dict(prefill_ms))
 
-    decodes: dict[str, list[decode.DecodeResult]] = {"plain": [], "csp": []}
+    decodes: dict[str, list[decode.DecodeResult]] = {"plain": [], "csp": [], "adaptive": []}
     for round_ in range(s.decode_rounds):
-        for name in ("plain", "csp"):
+        for name in decodes:
             def run_decode(name: str = name) -> None:
                 decodes[name].append(decode.timed_decode(state[name], state["long"], s.new_tokens))
             yield f"decode {name}, {s.long_prompt}-token prompt (round {round_ + 1}/{s.decode_rounds})", run_decode
@@ -149,7 +151,9 @@ def _steps(s: BenchSettings, r: dict[str, Any], state: dict[str, Any]) -> Iterat
             decode_recompiles=sum(x.recompiles for x in decodes["csp"]),
             decode_recompiles_plain=sum(x.recompiles for x in decodes["plain"]),
             decode_steps_timed=decodes["csp"][0].steps_timed,
+            adaptive_decode_ratio=step["adaptive"] / step["csp"], decode_step_ms_adaptive=step["adaptive"] * 1e3,
         )
+        state.pop("adaptive")
 
     peaks: dict[str, tuple[int, int]] = state.setdefault("peaks", {})  # name -> (peak bytes, KV bytes)
     for name in ("plain", "csp"):
