@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING
 
 from csp_compile.data import grid as _grid
 from csp_compile.data import lookup as _lookup
-from csp_compile.data.model import GRID_MODEL_DIR, SHIPPED_MODEL_DIR
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -29,16 +28,24 @@ class Task:
     """One shipped task. ``data`` is its module (``make_example(index, split, seed)``,
     ``make_dataset``, ``collate``, ``render_tokens``, ``token_name``, ``VOCAB``, ``IMAGE_SIZE``);
     ``answer_tokens`` the answer length (token 1 from the prefill, the rest decoded from the
-    cache); ``model_dir`` its shipped model; ``train_script`` what trains it."""
+    cache); ``model_dir_name`` the name in ``csp_compile.data.model`` of its shipped model's
+    directory (looked up on use, so tests can move it); ``train_script`` what trains it."""
 
     name: str
     summary: str
     answer_explained: str
     answer_tokens: int
     data: ModuleType
-    model_dir: Path
+    model_dir_name: str
     train_script: str
     prompt_header: str
+
+    @property
+    def model_dir(self) -> Path:
+        """The directory of the task's shipped model."""
+        from csp_compile.data import model
+
+        return getattr(model, self.model_dir_name)
 
     def eval_set(self, n: int, seed: int = 0) -> EvalSet:
         """The first ``n`` prompts of the task's held-out test split (seeded, reproducible)."""
@@ -91,7 +98,7 @@ TASKS: dict[str, Task] = {
                          "back from the (pruned) cache",
         answer_tokens=_lookup.ANSWER_TOKENS,
         data=_lookup,
-        model_dir=SHIPPED_MODEL_DIR,
+        model_dir_name="SHIPPED_MODEL_DIR",
         train_script="examples/train_tiny_vlm.py",
         prompt_header="prompt (image = glyph of the key)",
     ),
@@ -103,7 +110,7 @@ TASKS: dict[str, Task] = {
                          "image tokens in the (pruned) cache",
         answer_tokens=_grid.ANSWER_TOKENS,
         data=_grid,
-        model_dir=GRID_MODEL_DIR,
+        model_dir_name="GRID_MODEL_DIR",
         train_script="examples/train_grid_vlm.py",
         prompt_header="prompt (image = 4 x 4 glyph grid)",
     ),

@@ -79,11 +79,11 @@ def learning_rate(step: int, args: argparse.Namespace) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=GRID_MODEL_DIR)
-    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--batch", type=int, default=32, help="prompts per step")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--warmup", type=int, default=100)
-    parser.add_argument("--decay", type=int, default=600, help="final steps of cosine learning-rate decay")
+    parser.add_argument("--decay", type=int, default=500, help="final steps of cosine learning-rate decay")
     parser.add_argument("--patch-layer", type=int, default=1,
                         help="LM layer whose hidden state at each image token must name its cell and glyph (0: off)")
     parser.add_argument("--patch-weight", type=float, default=1.0)

@@ -178,3 +178,12 @@ def test_eval_task_of_another_model_is_one_line(task_model_dir, capsys):
     assert main(["eval", "--task", "grid", "--model", str(task_model_dir), "--policies", "full", "--n", "2"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "a model of the 'lookup' task: pass --task lookup" in err
+
+
+def test_missing_grid_model_says_how_to_get_one(monkeypatch, tmp_path, capsys):
+    import csp_compile.data.model as model_module
+
+    monkeypatch.setattr(model_module, "GRID_MODEL_DIR", tmp_path / "grid_vlm")
+    assert main(["demo", "--task", "grid"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "train_grid_vlm.py" in err and "--model" in err and len(err.splitlines()) == 1

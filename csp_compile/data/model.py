@@ -61,14 +61,14 @@ def _one_line(error: BaseException, limit: int = 160) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
-def load_model(path: str | Path | None = None, *, shipped: Path = SHIPPED_MODEL_DIR,
+def load_model(path: str | Path | None = None, *, shipped: Path | None = None,
                train_script: str = "examples/train_tiny_vlm.py") -> transformers.PreTrainedModel:
     """A VLM from a local ``save_pretrained`` directory (default: the shipped model in ``shipped``,
     the lookup task's tiny VLM unless told; ``train_script`` trains it), in eval
     mode with SDPA attention; no network. A missing or unloadable directory (no config.json, a corrupt
     or foreign config, missing, corrupt or mismatched weights, not a VLM) raises FileNotFoundError /
     ValueError with one line saying which path, what is wrong and what it must hold."""
-    directory = Path(path) if path is not None else Path(shipped)
+    directory = Path(path) if path is not None else Path(shipped if shipped is not None else SHIPPED_MODEL_DIR)
     config_file = directory / "config.json"
     if path is None and not config_file.is_file():
         raise FileNotFoundError(
