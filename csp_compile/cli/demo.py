@@ -1,4 +1,4 @@
-"""``csp-compile demo``: the shipped tiny VLM answering test prompts with the full cache and with CSP."""
+"""``csp-compile demo``: a shipped tiny VLM answering test prompts with the full cache and with CSP."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
-from csp_compile.cli.common import add_model_argument, load_model_or_fail, set_threads
+from csp_compile.cli.common import add_model_argument, add_task_argument, get_task_or_fail, load_model_or_fail, set_threads
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -15,11 +15,12 @@ if TYPE_CHECKING:
     from csp_compile.config import CSPConfig
     from csp_compile.evaluation import EvalSet
 
-HELP = "answer a few held-out prompts with the shipped tiny VLM, full cache vs CSP (default config)"
+HELP = "answer a few held-out prompts with a shipped tiny VLM, full cache vs CSP (default config)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_argument(parser)
+    add_task_argument(parser)
     parser.add_argument("--n", type=int, default=6, help="test prompts to answer (default 6)")
     parser.add_argument("--budget", type=float, default=None, help="fraction of the prompt kept (default: CSPConfig's)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -29,19 +30,20 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from csp_compile.config import CSPConfig
-    from csp_compile.data import render_tokens
-    from csp_compile.evaluation import is_task_model, run_config, run_full, task_eval_set
+    from csp_compile.evaluation import run_config, run_full
 
+    task = get_task_or_fail(args.task)
+    render_tokens = task.data.render_tokens
     if not 1 <= args.n <= 64:
         raise ValueError(f"--n must be in 1 .. 64: got {args.n}")
     config = CSPConfig() if args.budget is None else CSPConfig(budget=args.budget)
     set_threads(args.threads)
     _started[0] = time.perf_counter()
-    model, source = load_model_or_fail(args.model)
-    if not is_task_model(model):
-        raise ValueError(f"{source} is not a model of the lookup task: demo needs the shipped tiny VLM "
-                         "(or one trained by examples/train_tiny_vlm.py); use `csp-compile eval --model` for others")
-    evalset = task_eval_set(args.n)
+    model, source = load_model_or_fail(args.model, task)
+    if not task.is_task_model(model):
+        raise ValueError(f"{source} is not a model of the {task.name} task: demo --task {task.name} needs its shipped "
+                         f"tiny VLM (or one trained by {task.train_script}); use `csp-compile eval --model` for others")
+    evalset = task.eval_set(args.n)
     print(f"model: {source}")
     print(f"config: budget={config.budget} window={config.window} cross_ratio={config.cross_ratio} policy={config.policy}")
     _stage("answering with the full cache")
@@ -51,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     _stage(None)
     answers = evalset.answers
     width = max(len(render_tokens(answers[0])), len("full cache")) + 2
-    print(f"\n{'prompt (image = glyph of the key)':<44}{'expected':<{width}}{'full cache':<{width}}CSP")
+    print(f"\n{task.prompt_header:<44}{'expected':<{width}}{'full cache':<{width}}CSP")
     for i in range(len(evalset)):
         ids = evalset.inputs["input_ids"][i][evalset.inputs["attention_mask"][i].bool()]
         text = render_tokens(ids)
@@ -61,13 +63,15 @@ def run(args: argparse.Namespace) -> int:
               f"{render_tokens(pruned.tokens[i]) + marks[1]}")
     accuracy = [float((o.tokens == answers).all(-1).float().mean()) for o in (full, pruned)]
     length = float(evalset.inputs["attention_mask"].sum(-1).float().mean())
-    print("\nthe image shows a key; the answer is that key's A-value, then its B-value, which is read back "
-          "from the (pruned) cache")
+    print(f"\n{task.answer_explained}")
     print(f"accuracy: full cache {accuracy[0]:.2f}, CSP {accuracy[1]:.2f} on {len(evalset)} prompts of {length:.0f} tokens")
     print(f"kept fraction (measured from the cache): {pruned.kept_fraction:.3f}")
     print(f"KV cache after prefill: {pruned.cache_bytes / 1024:.1f} KiB with CSP vs {full.cache_bytes / 1024:.1f} KiB "
           f"full: {100 * (1 - pruned.cache_bytes / full.cache_bytes):.0f}% saved")
-    _two_turns(model, evalset, config)
+    if task.name == "lookup":
+        _two_turns(model, evalset, config)
+    else:
+        print("(the two-turn conversation part of the demo is written for the lookup task: run `csp-compile demo`)")
     return 0
 
 

@@ -6,7 +6,14 @@ import argparse
 import json
 from pathlib import Path
 
-from csp_compile.cli.common import add_model_argument, load_model_or_fail, progress_bar, set_threads
+from csp_compile.cli.common import (
+    add_model_argument,
+    add_task_argument,
+    get_task_or_fail,
+    load_model_or_fail,
+    progress_bar,
+    set_threads,
+)
 from csp_compile.evaluation import eval_set_for, evaluate, parse_budgets, parse_policies, parse_prefill_chunks
 from csp_compile.evaluation.report import format_table, plot_accuracy
 
@@ -17,6 +24,7 @@ DEFAULT_BUDGETS = "0.05,0.1,0.2,0.4"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_argument(parser)
+    add_task_argument(parser)
     parser.add_argument("--policies", default=DEFAULT_POLICIES,
                         help=f"comma-separated policies; csp:<rule> sets the cross-ratio rule (default {DEFAULT_POLICIES})")
     parser.add_argument("--budgets", default=DEFAULT_BUDGETS, help=f"comma-separated fractions in (0, 1] (default {DEFAULT_BUDGETS})")
@@ -38,6 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from csp_compile.config import CSPConfig
 
+    task = get_task_or_fail(args.task)
     specs, budgets = parse_policies(args.policies), parse_budgets(args.budgets)
     chunks = parse_prefill_chunks(args.prefill_chunk)
     if args.n < 1:
@@ -48,15 +57,19 @@ def run(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     runs = 1 + len(budgets) * sum(spec.policy != "full" for spec in specs) * (1 + len(chunks))
     if args.engine == "vllm":
+        if task.name != "lookup":
+            raise ValueError(f"--engine vllm supports --task lookup only: got --task {task.name}")
         if chunks:
             raise ValueError("--prefill-chunk is not supported with --engine vllm")
         from csp_compile.vllm.cli import run_eval
 
         source, description, records = run_eval(args.model, args.n, args.seed, specs, budgets, base, runs)
+        task_name = task.name
     else:
-        model, source = load_model_or_fail(args.model)
-        evalset = eval_set_for(model, args.n, args.seed)
+        model, source = load_model_or_fail(args.model, task)
+        evalset = eval_set_for(model, args.n, args.seed, task.name)
         description = evalset.description
+        task_name = task.name if evalset.answers is not None else None  # None: synthetic prompts, no task
         print(f"model: {source}\ndata: {description}")
         with progress_bar(runs, "eval") as bar:
             records = evaluate(model, evalset, specs, budgets, base, batch_size=args.batch_size, prefill_chunks=chunks,
@@ -65,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         payload = {"model": source, "data": description, "window": base.window,
+                   "task": task_name,
                    "kl_and_agreement_at": "first decode step (answer token 2, read from the pruned cache)",
                    "records": records}
         if args.engine == "vllm":

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from csp_compile.cli.common import add_model_argument, load_model_or_fail, set_threads
+from csp_compile.cli.common import add_model_argument, add_task_argument, get_task_or_fail, load_model_or_fail, set_threads
 
 HELP = "show which image patches and text tokens each layer kept for one prompt (PNG + summary)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_argument(parser)
+    add_task_argument(parser)
     parser.add_argument("--image", type=Path, default=None,
                         help="PNG to ask about instead of the test prompt's own glyph (resized to the model's input)")
     parser.add_argument("--index", type=int, default=0, help="which held-out test prompt (default 0)")
@@ -49,11 +50,12 @@ def run(args: argparse.Namespace) -> int:
 
     import csp_compile
     from csp_compile.config import CSPConfig
-    from csp_compile.data import IMAGE_SIZE, collate, make_example, render_tokens, token_name
-    from csp_compile.evaluation import is_task_model, parse_policy
+    from csp_compile.evaluation import parse_policy
     from csp_compile.evaluation.kept_map import kept_map, plot_kept_map
     from csp_compile.modality import modality_ids
 
+    task = get_task_or_fail(args.task)
+    data = task.data
     spec = parse_policy(args.policy, "--policy")
     config = spec.config(args.budget, CSPConfig())
     if args.index < 0:
@@ -61,26 +63,28 @@ def run(args: argparse.Namespace) -> int:
     if args.image is not None and not args.image.is_file():
         raise FileNotFoundError(f"--image {str(args.image)!r} does not exist: pass a PNG file")
     set_threads(args.threads)
-    model, source = load_model_or_fail(args.model)
-    if not is_task_model(model):
-        raise ValueError(f"{source} is not a model of the lookup task: show-kept needs the shipped tiny VLM "
-                         "(or one trained by examples/train_tiny_vlm.py)")
-    example = make_example(args.index, "test")
-    inputs = collate([example])
+    model, source = load_model_or_fail(args.model, task)
+    if not task.is_task_model(model):
+        raise ValueError(f"{source} is not a model of the {task.name} task: show-kept --task {task.name} needs its "
+                         f"shipped tiny VLM (or one trained by {task.train_script})")
+    example = data.make_example(args.index, "test")
+    inputs = data.collate([example])
     if args.image is not None:
-        inputs["pixel_values"] = load_image(args.image, IMAGE_SIZE)[None]
+        inputs["pixel_values"] = load_image(args.image, data.IMAGE_SIZE)[None]
+    n = task.answer_tokens
     with torch.no_grad():
-        full = model.generate(**inputs, max_new_tokens=2, do_sample=False)[0, -2:]
+        full = model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)[0, -n:]
         csp_compile.optimize(model, config)
         try:
-            pruned = model.generate(**inputs, max_new_tokens=2, do_sample=False)[0, -2:]
+            pruned = model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)[0, -n:]
             kept = csp_compile.kept_positions(model)
         finally:
             csp_compile.restore(model)
     modality = modality_ids(model, inputs["input_ids"])
     kmap = kept_map(kept, inputs["attention_mask"], modality)
-    words = [token_name(int(t)) for t in inputs["input_ids"][0]]
-    record = set(example.record.tolist())
+    words = [data.token_name(int(t)) for t in inputs["input_ids"][0]]
+    record = set(task.highlight(example))
+    render_tokens = data.render_tokens
     title = (f"{spec.label} at budget {args.budget}: full cache answers {render_tokens(full)}, "
              f"{spec.label} answers {render_tokens(pruned)}")
     plot_kept_map(kmap, inputs["pixel_values"][0], words, args.out, title=title, highlight=record)
@@ -88,14 +92,19 @@ def run(args: argparse.Namespace) -> int:
     image = kmap.modality == 1
     heads = kmap.pairs // kmap.per_layer.shape[0]
     print(f"model: {source}; prompt {args.index} of the test split, {len(words)} tokens ({int(image.sum())} image)")
-    shown = f"{args.image}" if args.image is not None else f"the prompt's own glyph of key k{example.key:02d}"
+    shown = f"{args.image}" if args.image is not None else task.describe_image(example)
     print(f"image: {shown}")
     print(f"answer: expected {render_tokens(example.answer)}, full cache {render_tokens(full)}, {spec.label} {render_tokens(pruned)}")
     for layer, row in enumerate(kmap.per_layer):
         image_kept = float((row[image] > 0).float().mean())
         text_kept = float((row[~image] > 0).float().mean())
-        marks = ", ".join(f"{words[p]}@{p} by {int(row[p])}/{heads} heads" for p in sorted(record))
+        if len(record) <= 4:  # the lookup's two records
+            marks = "answer record: " + ", ".join(f"{words[p]}@{p} by {int(row[p])}/{heads} heads" for p in sorted(record))
+        else:  # the grid's asked row: 4 image tokens per answer cell
+            per_cell = [sum(int(row[p] > 0) for p in cell) for cell in example.cells.tolist()]
+            marks = ("image tokens of the answer cells kept by any head (columns 0..3): "
+                     + " ".join(f"{k}/{len(cell)}" for k, cell in zip(per_cell, example.cells.tolist())))
         print(f"layer {layer}: kept {float(row.sum()) / (heads * len(words)):.2f} of the prompt per head; "
-              f"image tokens kept by any head {image_kept:.2f}, text {text_kept:.2f}; answer record: {marks}")
+              f"image tokens kept by any head {image_kept:.2f}, text {text_kept:.2f}; {marks}")
     print(f"wrote {args.out}")
     return 0

@@ -1,4 +1,6 @@
-"""The shipped tiny VLM's synthetic task (``lookup``) and model (``model``)."""
+"""The shipped tiny VLMs' synthetic tasks (``lookup``, the default; ``grid``, glyph-grid reading)
+and models (``model``). The names exported here are the lookup task's; the grid task's are in
+``csp_compile.data.grid``; ``csp_compile.tasks`` names both."""
 
 from csp_compile.data.lookup import (
     IMAGE_SIZE,
@@ -15,7 +17,7 @@ from csp_compile.data.lookup import (
     render_tokens,
     token_name,
 )
-from csp_compile.data.model import SHIPPED_MODEL_DIR, build_model, load_model
+from csp_compile.data.model import GRID_MODEL_DIR, SHIPPED_MODEL_DIR, build_grid_model, build_model, load_model
 
 __all__ = [
     "IMAGE_SIZE",
@@ -31,7 +33,9 @@ __all__ = [
     "render_glyph",
     "render_tokens",
     "token_name",
+    "GRID_MODEL_DIR",
     "SHIPPED_MODEL_DIR",
+    "build_grid_model",
     "build_model",
     "load_model",
 ]

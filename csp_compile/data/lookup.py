@@ -41,6 +41,7 @@ MAX_FILLERS = 10  # filler words before each record: uniform in 0 .. MAX_FILLERS
 SPLIT_SEEDS = {"train": 1_000_003, "val": 3_000_017, "test": 2_000_003}
 TASKS = ("lookup", "name", "drill")
 DRILL_QUERIES = 8  # text-keyed lookups appended to a drill prompt
+ANSWER_TOKENS = 2  # the lookup's answer: A-value (from the prefill), B-value (from the cache)
 
 
 @dataclass(frozen=True)

@@ -10,18 +10,20 @@ import transformers
 
 from csp_compile.data.lookup import IMAGE_SIZE, IMAGE_TOKENS, PATCH_SIZE, VOCAB
 
-__all__ = ["SHIPPED_MODEL_DIR", "build_model", "load_model"]
+__all__ = ["GRID_MODEL_DIR", "SHIPPED_MODEL_DIR", "build_grid_model", "build_model", "load_model"]
 
 SHIPPED_MODEL_DIR = Path(__file__).resolve().parents[1] / "assets" / "tiny_vlm"
+GRID_MODEL_DIR = Path(__file__).resolve().parents[1] / "assets" / "grid_vlm"  # the glyph-grid task's model
 
 
-def build_model(seed: int = 0) -> transformers.LlavaForConditionalGeneration:
-    """The untrained model: Llama 128 hidden, 4 layers, 4 query / 2 KV heads; CLIP 64 hidden, 2 layers."""
+def build_model(seed: int = 0, vocab=VOCAB) -> transformers.LlavaForConditionalGeneration:
+    """The untrained model: Llama 128 hidden, 4 layers, 4 query / 2 KV heads; CLIP 64 hidden, 2 layers.
+    ``vocab`` (the lookup task's by default) gives the vocabulary size and the special ids."""
     text = dict(
-        model_type="llama", vocab_size=VOCAB.size, hidden_size=128, intermediate_size=256,
+        model_type="llama", vocab_size=vocab.size, hidden_size=128, intermediate_size=256,
         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-        max_position_embeddings=1024, pad_token_id=VOCAB.pad, bos_token_id=VOCAB.bos,
-        eos_token_id=VOCAB.eos, tie_word_embeddings=True,
+        max_position_embeddings=1024, pad_token_id=vocab.pad, bos_token_id=vocab.bos,
+        eos_token_id=vocab.eos, tie_word_embeddings=True,
         initializer_range=0.08,  # ~1/sqrt(hidden): with the usual 0.02 attention stays uniform for hundreds of steps
     )
     vision = dict(
@@ -29,14 +31,23 @@ def build_model(seed: int = 0) -> transformers.LlavaForConditionalGeneration:
         num_attention_heads=2, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, projection_dim=64,
     )
     config = transformers.LlavaConfig(
-        text_config=text, vision_config=vision, image_token_index=VOCAB.image, image_seq_length=IMAGE_TOKENS,
+        text_config=text, vision_config=vision, image_token_index=vocab.image, image_seq_length=IMAGE_TOKENS,
         vision_feature_layer=-1, vision_feature_select_strategy="default",
     )
     torch.manual_seed(seed)
     model = transformers.LlavaForConditionalGeneration._from_config(config, attn_implementation="sdpa")
     gen = model.generation_config
-    gen.pad_token_id, gen.bos_token_id, gen.eos_token_id = VOCAB.pad, VOCAB.bos, VOCAB.eos
+    gen.pad_token_id, gen.bos_token_id, gen.eos_token_id = vocab.pad, vocab.bos, vocab.eos
     return model
+
+
+def build_grid_model(seed: int = 0) -> transformers.LlavaForConditionalGeneration:
+    """The glyph-grid task's untrained model: the same architecture over the grid vocabulary
+    (same 32 x 32 images, 4-pixel patches, 64 image tokens)."""
+    from csp_compile.data import grid
+
+    assert (grid.IMAGE_SIZE, grid.PATCH_SIZE) == (IMAGE_SIZE, PATCH_SIZE)
+    return build_model(seed, grid.VOCAB)
 
 
 _ALLOWED = "pass a local save_pretrained directory of a vision-language model (config.json and its weights)"
@@ -50,17 +61,19 @@ def _one_line(error: BaseException, limit: int = 160) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
-def load_model(path: str | Path | None = None) -> transformers.PreTrainedModel:
-    """A VLM from a local ``save_pretrained`` directory (default: the shipped tiny VLM), in eval
+def load_model(path: str | Path | None = None, *, shipped: Path | None = None,
+               train_script: str = "examples/train_tiny_vlm.py") -> transformers.PreTrainedModel:
+    """A VLM from a local ``save_pretrained`` directory (default: the shipped model in ``shipped``,
+    the lookup task's tiny VLM unless told; ``train_script`` trains it), in eval
     mode with SDPA attention; no network. A missing or unloadable directory (no config.json, a corrupt
     or foreign config, missing, corrupt or mismatched weights, not a VLM) raises FileNotFoundError /
     ValueError with one line saying which path, what is wrong and what it must hold."""
-    directory = Path(path) if path is not None else SHIPPED_MODEL_DIR
+    directory = Path(path) if path is not None else Path(shipped if shipped is not None else SHIPPED_MODEL_DIR)
     config_file = directory / "config.json"
     if path is None and not config_file.is_file():
         raise FileNotFoundError(
             f"no trained tiny VLM is shipped in {str(directory)!r} yet: train one with "
-            "`python examples/train_tiny_vlm.py` (it saves there) or pass --model DIR"
+            f"`python {train_script}` (it saves there) or pass --model DIR"
         )
     if not directory.is_dir():
         raise FileNotFoundError(f"model directory {str(directory)!r} does not exist: {_ALLOWED}")

@@ -32,8 +32,8 @@ from transformers.cache_utils import DynamicCache
 import csp_compile
 from csp_compile.config import CSPConfig
 from csp_compile.data import VOCAB
-from csp_compile.data.lookup import NUM_FILLERS, NUM_VALUES
-from csp_compile.evaluation.eval_set import ANSWER_TOKENS, EvalSet
+from csp_compile.data.lookup import ANSWER_TOKENS, NUM_FILLERS, NUM_VALUES
+from csp_compile.evaluation.eval_set import EvalSet
 
 __all__ = ["CHATTER", "Conversation", "Turn", "converse", "recomputed_second_answers", "run_conversation",
            "second_turn_inputs", "wrong_answers"]

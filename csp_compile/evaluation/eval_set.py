@@ -7,21 +7,21 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-from csp_compile.data import VOCAB, collate, make_dataset
-
 __all__ = ["EvalSet", "eval_set_for", "is_task_model", "synthetic_eval_set", "task_eval_set"]
 
-ANSWER_TOKENS = 2  # the lookup's answer: A-value (from the prefill), B-value (from the cache)
+SYNTHETIC_ANSWER_TOKENS = 2  # tokens generated for prompts without a task: one from the prefill, one from the cache
 
 
 @dataclass(frozen=True)
 class EvalSet:
-    """``inputs`` for ``generate`` (all rows padded to one length); ``answers`` (n, ANSWER_TOKENS)
-    or None when the prompts have no known answer; ``description`` says which data this is."""
+    """``inputs`` for ``generate`` (all rows padded to one length); ``answers`` (n, answer_tokens)
+    or None when the prompts have no known answer; ``description`` says which data this is;
+    ``answer_tokens`` how many tokens to generate (the task's answer length)."""
 
     inputs: dict[str, torch.Tensor]
     answers: torch.Tensor | None
     description: str
+    answer_tokens: int = SYNTHETIC_ANSWER_TOKENS
 
     def __len__(self) -> int:
         return self.inputs["input_ids"].shape[0]
@@ -30,24 +30,18 @@ class EvalSet:
         return {name: value[start:stop] for name, value in self.inputs.items()}
 
 
-def is_task_model(model: PreTrainedModel) -> bool:
-    """True when ``model`` speaks the lookup task's vocabulary (the shipped model or a retrained one)."""
-    config = model.config
-    return (
-        getattr(config, "model_type", None) == "llava"
-        and config.get_text_config().vocab_size == VOCAB.size
-        and getattr(config, "image_token_index", getattr(config, "image_token_id", None)) == VOCAB.image
-    )
+def is_task_model(model: PreTrainedModel, task: str = "lookup") -> bool:
+    """True when ``model`` speaks the vocabulary of ``task`` (its shipped model or a retrained one)."""
+    from csp_compile.tasks import get_task
+
+    return get_task(task).is_task_model(model)
 
 
-def task_eval_set(n: int, seed: int = 0) -> EvalSet:
-    """The first ``n`` prompts of the lookup task's held-out test split (seeded, reproducible)."""
-    examples = make_dataset(n, "test", seed)
-    return EvalSet(
-        inputs=collate(examples, padding_side="left"),
-        answers=torch.stack([example.answer for example in examples]),
-        description=f"{n} held-out prompts of the image-keyed lookup task (test split, seed {seed})",
-    )
+def task_eval_set(n: int, seed: int = 0, task: str = "lookup") -> EvalSet:
+    """The first ``n`` prompts of ``task``'s held-out test split (seeded, reproducible)."""
+    from csp_compile.tasks import get_task
+
+    return get_task(task).eval_set(n, seed)
 
 
 def synthetic_eval_set(model: PreTrainedModel, n: int, text_len: int = 192) -> EvalSet:
@@ -63,8 +57,16 @@ def synthetic_eval_set(model: PreTrainedModel, n: int, text_len: int = 192) -> E
     )
 
 
-def eval_set_for(model: PreTrainedModel, n: int, seed: int = 0) -> EvalSet:
-    """The lookup test set for a task model, synthetic prompts otherwise."""
+def eval_set_for(model: PreTrainedModel, n: int, seed: int = 0, task: str = "lookup") -> EvalSet:
+    """The test set of ``task`` for a model of that task, synthetic prompts for a model of no
+    shipped task; a ValueError when ``model`` is a model of another shipped task."""
+    from csp_compile.tasks import get_task, task_of_model
+
     if n < 1:
         raise ValueError(f"--n must be >= 1: got {n}")
-    return task_eval_set(n, seed) if is_task_model(model) else synthetic_eval_set(model, n)
+    wanted, actual = get_task(task, "--task"), task_of_model(model)
+    if actual is None:
+        return synthetic_eval_set(model, n)
+    if actual is not wanted:
+        raise ValueError(f"--task {task!r}: the model is a model of the {actual.name!r} task: pass --task {actual.name}")
+    return wanted.eval_set(n, seed)

@@ -1,9 +1,10 @@
 """Run an evaluation: every (policy, budget) through the compiled pass, compared with the full cache.
 
-Each answer has two tokens. The first comes from the prefill, which attends to the whole prompt
-whatever the policy, so its distribution equals the full cache's by construction; the second is
-decoded from the pruned cache. ``kl`` and ``top1_agreement`` are therefore measured at the first
-decode step (answer token 2), where eviction shows. With chunked prefill (``prefill_chunk``) the
+Each answer has ``evalset.answer_tokens`` tokens (2 for the lookup task, 4 for the grid task).
+The first comes from the prefill, which attends to the whole prompt whatever the policy, so its
+distribution equals the full cache's by construction; the rest are decoded from the pruned cache.
+``kl`` and ``top1_agreement`` are therefore measured at the first decode step (answer token 2),
+where eviction shows first; accuracy needs every answer token right. With chunked prefill (``prefill_chunk``) the
 last chunk already attends to a pruned cache, so answer token 1 (and accuracy) can change too.
 """
 
@@ -18,7 +19,7 @@ from transformers.cache_utils import DynamicCache
 
 import csp_compile
 from csp_compile.config import CSPConfig
-from csp_compile.evaluation.eval_set import ANSWER_TOKENS, EvalSet
+from csp_compile.evaluation.eval_set import EvalSet
 from csp_compile.evaluation.policy_spec import PolicySpec, chunk_label
 
 __all__ = ["Outcome", "evaluate", "run_config", "run_full", "score"]
@@ -26,7 +27,7 @@ __all__ = ["Outcome", "evaluate", "run_config", "run_full", "score"]
 
 @dataclass(frozen=True)
 class Outcome:
-    """Greedy ``tokens`` (n, ANSWER_TOKENS), ``decode_logprobs`` (n, vocab) at the first decode
+    """Greedy ``tokens`` (n, answer_tokens), ``decode_logprobs`` (n, vocab) at the first decode
     step, the ``kept_fraction`` of real prompt tokens left in the cache (mean over sequences,
     evicted layers and KV heads) and the KV ``cache_bytes`` after prefill (summed over batches)."""
 
@@ -36,22 +37,23 @@ class Outcome:
     cache_bytes: int
 
 
-def _generate(model: PreTrainedModel, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, DynamicCache]:
+def _generate(model: PreTrainedModel, inputs: dict[str, torch.Tensor],
+              answer_tokens: int) -> tuple[torch.Tensor, torch.Tensor, DynamicCache]:
     cache = DynamicCache(config=model.config.get_text_config())
     with torch.no_grad():
-        out = model.generate(**inputs, cache=cache, max_new_tokens=ANSWER_TOKENS, min_new_tokens=ANSWER_TOKENS,
+        out = model.generate(**inputs, cache=cache, max_new_tokens=answer_tokens, min_new_tokens=answer_tokens,
                              do_sample=False, output_logits=True, return_dict_in_generate=True)
     tokens = out.sequences[:, inputs["input_ids"].shape[1]:]
     return tokens, torch.log_softmax(out.logits[1].float(), dim=-1), cache
 
 
-def _prefill_bytes(cache: DynamicCache) -> int:
-    """KV bytes of the cache right after the prefill (generate appended ANSWER_TOKENS - 1 steps since)."""
+def _prefill_bytes(cache: DynamicCache, answer_tokens: int) -> int:
+    """KV bytes of the cache right after the prefill (generate appended answer_tokens - 1 steps since)."""
     total = 0
     for layer in cache.layers:
         if getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
             continue
-        slots = layer.keys.shape[-2] - (ANSWER_TOKENS - 1)
+        slots = layer.keys.shape[-2] - (answer_tokens - 1)
         per_slot = (layer.keys.nbytes + layer.values.nbytes) // layer.keys.shape[-2]
         total += slots * per_slot
     return total
@@ -65,9 +67,9 @@ def _batches(evalset: EvalSet, batch_size: int) -> Iterable[dict[str, torch.Tens
 def _run(model: PreTrainedModel, evalset: EvalSet, batch_size: int, *, optimized: bool) -> Outcome:
     tokens, logprobs, size, kept, count = [], [], 0, 0.0, 0
     for inputs in _batches(evalset, batch_size):
-        t, lp, cache = _generate(model, inputs)
+        t, lp, cache = _generate(model, inputs, evalset.answer_tokens)
         tokens.append(t), logprobs.append(lp)
-        size += _prefill_bytes(cache)
+        size += _prefill_bytes(cache, evalset.answer_tokens)
         if optimized:
             k, c = _kept_fraction(model, inputs["attention_mask"])
             kept, count = kept + k, count + c
