@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from csp_compile.config import CSPConfig
+from csp_compile.scoring import rank_desc
 
 __all__ = ["ADAKV_SAFEGUARD", "PYRAMID_BETA", "head_counts", "is_adaptive", "layer_picks", "slot_factor"]
 
@@ -61,8 +62,6 @@ def head_counts(allocation: torch.Tensor, candidates: torch.Tensor, k_layer: tor
     b, hkv, length = allocation.shape
     if config.head_budget == "uniform":
         return k_layer[:, None].expand(b, hkv)
-    from csp_compile.selection import rank_desc  # selection imports this module
-
     eligible = candidates[:, None, :].expand(b, hkv, length)
     rank = rank_desc(allocation, eligible)  # per head
     floor = torch.floor(k_layer.to(torch.float64) * ADAKV_SAFEGUARD).to(torch.int64)

@@ -174,3 +174,14 @@ def cross_mass(inputs: AttentionInputs, self_scores: torch.Tensor, cross_scores:
 def default_scale(head_dim: int) -> float:
     """The usual ``1 / sqrt(head_dim)`` attention scale."""
     return 1.0 / math.sqrt(head_dim)
+
+
+def rank_desc(score: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
+    """Rank of each position (0 = best) with eligible positions first, then score descending,
+    then position ascending."""
+    order = torch.argsort(score, dim=-1, descending=True, stable=True)
+    eligible_sorted = eligible.gather(-1, order)
+    order = order.gather(-1, torch.argsort(eligible_sorted.to(torch.int8), dim=-1, descending=True, stable=True))
+    ranks = torch.empty_like(order)
+    ranks.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+    return ranks

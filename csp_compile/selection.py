@@ -9,7 +9,7 @@ import torch
 from csp_compile.adaptive import head_counts, is_adaptive, layer_picks
 from csp_compile.config import CSPConfig
 from csp_compile.policies import PolicyScores, get_policy
-from csp_compile.scoring import AttentionInputs, default_scale
+from csp_compile.scoring import AttentionInputs, default_scale, rank_desc
 
 
 @dataclass(frozen=True)
@@ -197,17 +197,6 @@ def pick_top(scores: PolicyScores, candidates: torch.Tensor, k_total: torch.Tens
         return taken
     rest = cand & ~taken
     return taken | (rest & (rank_desc(scores.secondary, rest) < k_secondary[..., None]))
-
-
-def rank_desc(score: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
-    """Rank of each position (0 = best) with eligible positions first, then score descending,
-    then position ascending."""
-    order = torch.argsort(score, dim=-1, descending=True, stable=True)
-    eligible_sorted = eligible.gather(-1, order)
-    order = order.gather(-1, torch.argsort(eligible_sorted.to(torch.int8), dim=-1, descending=True, stable=True))
-    ranks = torch.empty_like(order)
-    ranks.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
-    return ranks
 
 
 def _as_selection(keep: torch.Tensor, num_kept: torch.Tensor, num_secondary: torch.Tensor) -> Selection:
