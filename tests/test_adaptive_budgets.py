@@ -15,7 +15,7 @@ from csp_compile.adaptive import ADAKV_SAFEGUARD, head_counts, layer_picks
 from csp_compile.ops import kept_slots
 from csp_compile.modality import modality_ids
 from csp_compile.tiny_vlms import build_tiny_vlm, make_inputs
-from tests.greedy import generate
+from greedy import generate
 
 ADAPTIVE = [
     dict(layer_budget="pyramid"),

@@ -16,7 +16,7 @@ from csp_compile.evaluation.conversation import (
     second_turn_inputs,
     wrong_answers,
 )
-from csp_compile.evaluation.eval_set import ANSWER_TOKENS
+from csp_compile.data.lookup import ANSWER_TOKENS
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not (SHIPPED_MODEL_DIR / "config.json").is_file(),
                                 reason="no tiny VLM shipped in this checkout")]
