@@ -3,8 +3,8 @@
 ``layer_budget="pyramid"`` (PyramidKV, Cai et al. 2024, the schedule of its reference code
 ``PyramidKVCluster``, beta = 20): layer ``l`` of ``n`` evicting layers keeps
 ``K_l = K_max - l * ((K_max - K_min) // (n - 1))`` with ``K_min = K // 20`` and ``K_max = 2K - K_min``
-(capped at the candidates, the cap's excess moved to ``K_min``): more in lower layers, the same total
-up to the rounding of the step.
+(when ``K_max`` reaches the candidate count it becomes that count and ``K_min = 2K - K_max``): more in
+lower layers, the same total up to the rounding of the step.
 
 ``head_budget="adaptive"`` (AdaKV, Feng et al. 2024, as kvpress' ``AdaKVPress``): the layer's
 ``hkv * K_l`` picks go to the (KV head, candidate) pairs with the highest allocation score across the
@@ -47,7 +47,7 @@ def layer_picks(k: torch.Tensor, candidates: torch.Tensor, layer: int, layers: i
         return k
     k_min = k // PYRAMID_BETA
     k_max = 2 * k - k_min
-    over = k_max > candidates
+    over = k_max >= candidates  # as the reference: `if max_num >= q_len - window_size`
     k_max = torch.where(over, candidates, k_max)
     k_min = torch.where(over, 2 * k - candidates, k_min).clamp(min=0)
     step = (k_max - k_min) // (layers - 1)
