@@ -265,7 +265,8 @@ def language_model_pre_hook(language_model: nn.Module, state: CSPState):
                 layer.keys, layer.values = layer.keys.contiguous(), layer.values.contiguous()
                 mark_dynamic_length(layer.keys, 2)
                 mark_dynamic_length(layer.values, 2)
-        state.head_valid_for_call = _head_validity(cache, state)
+        if is_adaptive(state.config):  # only adaptive decode graphs take per-head slot validity
+            state.head_valid_for_call = _head_validity(cache, state)
         slot_valid, state.slot_valid_for_masks = state.slot_valid_for_masks, None
         if slot_valid is not None:
             evicted_types = _evicted_layer_types(language_model, state) if isinstance(masks, dict) else set()
