@@ -55,20 +55,22 @@ def layer_picks(k: torch.Tensor, candidates: torch.Tensor, layer: int, layers: i
 
 
 def head_counts(allocation: torch.Tensor, candidates: torch.Tensor, k_layer: torch.Tensor, k_uniform: torch.Tensor,
-                config: CSPConfig) -> torch.Tensor:
+                config: CSPConfig, limit: int | torch.SymInt | None = None) -> torch.Tensor:
     """(b, hkv) picks per KV head. allocation (b, hkv, L) scores; candidates (b, L) bool; k_layer (b,)
     the layer's picks per head on average (its total is ``hkv * k_layer``); k_uniform (b,) the config's
-    uniform K (the cap is ``HEAD_CAP * k_uniform``). Uniform heads: ``k_layer`` each."""
+    uniform K (the cap is ``HEAD_CAP * k_uniform``); limit a bound on any head's picks, or None.
+    Uniform heads: ``k_layer`` each."""
     b, hkv, length = allocation.shape
     if config.head_budget == "uniform":
         return k_layer[:, None].expand(b, hkv)
     eligible = candidates[:, None, :].expand(b, hkv, length)
-    rank = rank_desc(allocation, eligible)  # per head
+    rank = rank_desc(allocation, eligible, limit)  # per head
     floor = torch.floor(k_layer.to(torch.float64) * ADAKV_SAFEGUARD).to(torch.int64)
     cap = HEAD_CAP * k_uniform
     guaranteed = eligible & (rank < floor[:, None, None])
     allowed = eligible & (rank < cap[:, None, None])
-    boosted = torch.where(guaranteed, torch.inf, allocation.to(torch.float64))
-    flat_rank = rank_desc(boosted.reshape(b, hkv * length), allowed.reshape(b, hkv * length))
+    boosted = torch.where(guaranteed, torch.inf, allocation)
+    flat_limit = None if limit is None else hkv * limit
+    flat_rank = rank_desc(boosted.reshape(b, hkv * length), allowed.reshape(b, hkv * length), flat_limit)
     taken = (flat_rank < (hkv * k_layer)[:, None]).reshape(b, hkv, length) & allowed
     return taken.sum(-1)

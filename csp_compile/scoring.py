@@ -176,9 +176,35 @@ def default_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
 
 
-def rank_desc(score: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
+def rank_desc(score: torch.Tensor, eligible: torch.Tensor, limit: int | torch.SymInt | None = None) -> torch.Tensor:
     """Rank of each position (0 = best) with eligible positions first, then score descending,
-    then position ascending."""
+    then position ascending (-0.0 ties +0.0). Exact below ``limit`` (default: the whole axis); every
+    other position gets at least ``limit``, so compare only with counts <= ``limit``."""
+    length = score.shape[-1]
+    if score.dtype != torch.float32:
+        return _rank_desc_two_sorts(score, eligible)
+    k = length if limit is None else torch.sym_min(limit, length)
+    order = torch.topk(_rank_key(score, eligible), k, dim=-1).indices  # keys are distinct: no ties
+    ranks = torch.full(score.shape, length, dtype=torch.int64, device=score.device)
+    return ranks.scatter_(-1, order, torch.arange(k, device=order.device).expand_as(order))
+
+
+_POSITION_BITS = 30  # prompts shorter than 2**30 tokens
+
+
+def _rank_key(score: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
+    """int64 keys (..., L), distinct and ordered as ``rank_desc`` ranks: bit 62 eligible, bits 30..61
+    the float32 score's order-preserving bit pattern, bits 0..29 the reversed position."""
+    length = score.shape[-1]
+    torch._check(length < 2**_POSITION_BITS, lambda: f"rank_desc: {length} positions: at most 2**30 - 1")
+    bits = torch.where(score == 0, 0.0, score).view(torch.int32).to(torch.int64)  # -0.0 -> +0.0
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits) + 2**31  # in [0, 2**32), as the floats compare
+    reversed_position = (2**_POSITION_BITS - 1) - torch.arange(length, device=score.device)
+    return (eligible.to(torch.int64) << 62) | (ordered << _POSITION_BITS) | reversed_position
+
+
+def _rank_desc_two_sorts(score: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
+    """``rank_desc`` for any dtype (float64 scores do not fit one int64 key), all positions exact."""
     order = torch.argsort(score, dim=-1, descending=True, stable=True)
     eligible_sorted = eligible.gather(-1, order)
     order = order.gather(-1, torch.argsort(eligible_sorted.to(torch.int8), dim=-1, descending=True, stable=True))

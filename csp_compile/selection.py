@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from csp_compile.adaptive import head_counts, is_adaptive, layer_picks
+from csp_compile.adaptive import head_counts, is_adaptive, layer_picks, slot_factor
 from csp_compile.config import CSPConfig
 from csp_compile.policies import PolicyScores, get_policy
 from csp_compile.scoring import AttentionInputs, default_scale, rank_desc
@@ -86,9 +86,10 @@ def select_keep_mask(
     scores = policy.score(inputs, config) if scores is None else scores
     candidates = inputs.candidates()
     k_layer = layer_picks(k_uniform, candidates.sum(-1), *layer, config)
-    k_total = head_counts(allocation_score(scores), candidates, k_layer, k_uniform, config)  # (b, hkv)
+    limit = kept_slots(inputs.length, config)  # >= every count below (kept_slots bounds W + picks)
+    k_total = head_counts(allocation_score(scores), candidates, k_layer, k_uniform, config, limit)  # (b, hkv)
     k_secondary = policy.split(scores, inputs, config, k_total)
-    keep = pick_top(scores, candidates, k_total, k_secondary)
+    keep = pick_top(scores, candidates, k_total, k_secondary, limit)
     positions = torch.arange(inputs.length, device=keep.device)
     in_window = positions[None, :] >= (inputs.length - window)[:, None]
     num_kept = k_total + window[:, None] if is_adaptive(config) else budgets
@@ -112,6 +113,24 @@ def budgets_for(real: torch.Tensor, config: CSPConfig) -> tuple[torch.Tensor, to
     return kept, kept.clamp(max=config.window)
 
 
+def kept_slots(length: int | torch.SymInt, config: CSPConfig) -> int | torch.SymInt:
+    """P: cache slots per sequence after a prefill of a (padded) prompt of ``length`` tokens: the
+    contract's B of ``length`` (``resolve_budget``), or ``length`` for the "full" policy; with adaptive
+    budgets ``W + 2K`` (``adaptive.slot_factor``), capped at ``length``. Sym ops, so a symbolic length
+    gives a backed expression of it (``round`` of a SymFloat is half to even, as Python's)."""
+    if config.policy == "full":
+        return length
+    if isinstance(config.budget, float):
+        budget = torch.sym_min(length, torch.sym_max(config.window, round(config.budget * length)))
+    else:
+        budget = torch.sym_min(length, config.budget)
+    factor = slot_factor(config)
+    if factor == 1:
+        return budget
+    window = torch.sym_min(config.window, budget)
+    return torch.sym_min(length, window + factor * (budget - window))
+
+
 def left_aligned(selection: Selection, slots: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The cache layout of ``selection`` over ``slots`` physical slots (``kept_layout``)."""
     if int(selection.num_kept.max()) > slots:
@@ -126,8 +145,8 @@ def kept_layout(keep: torch.Tensor, num_kept: torch.Tensor, slots: int | torch.S
     so at full budget the layout equals the prompt's. Tensor ops only (traceable)."""
     length = keep.shape[-1]
     positions = torch.arange(length, device=keep.device)
-    ordered = torch.sort(torch.where(keep, positions, -1), dim=-1).values  # -1 first, kept ascending last
-    indices = ordered[..., length - slots:].contiguous()
+    largest = torch.topk(torch.where(keep, positions, -1), slots, dim=-1).values  # kept descending, then -1
+    indices = largest.flip(-1).contiguous()
     slot = torch.arange(slots, device=keep.device)
     return indices, slot >= (slots - num_kept.to(keep.device))[..., None]
 
@@ -187,16 +206,18 @@ def make_attention_inputs(
     )
 
 
-def pick_top(scores: PolicyScores, candidates: torch.Tensor, k_total: torch.Tensor, k_secondary: torch.Tensor) -> torch.Tensor:
+def pick_top(scores: PolicyScores, candidates: torch.Tensor, k_total: torch.Tensor, k_secondary: torch.Tensor,
+             limit: int | torch.SymInt | None = None) -> torch.Tensor:
     """(b, hkv, L) bool, per KV head (``k_total``, ``k_secondary`` (b, hkv)): top ``k_total - k_secondary`` candidates by the primary score, then the top
-    ``k_secondary`` of the remaining candidates by the secondary score. Ties go to the earlier position."""
+    ``k_secondary`` of the remaining candidates by the secondary score. Ties go to the earlier position.
+    ``limit``: a bound on ``k_total`` (ranks are computed only that far), or None."""
     cand = candidates[:, None, :].expand_as(scores.primary)
     k_primary = (k_total - k_secondary)[..., None]
-    taken = cand & (rank_desc(scores.primary, cand) < k_primary)
+    taken = cand & (rank_desc(scores.primary, cand, limit) < k_primary)
     if scores.secondary is None:
         return taken
     rest = cand & ~taken
-    return taken | (rest & (rank_desc(scores.secondary, rest) < k_secondary[..., None]))
+    return taken | (rest & (rank_desc(scores.secondary, rest, limit) < k_secondary[..., None]))
 
 
 def _as_selection(keep: torch.Tensor, num_kept: torch.Tensor, num_secondary: torch.Tensor) -> Selection:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from csp_compile import cli
 from csp_compile.bench import FIGURES, TARGETS
@@ -96,3 +97,18 @@ def test_bad_arguments_are_one_line_errors(argv, words, capsys):
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("csp-compile bench: error:") and words in lines[0], captured.err
     assert captured.out == ""
+
+
+def test_share_weights_makes_every_parameter_the_same_tensor_and_keeps_outputs():
+    from csp_compile.bench import model as bench_model
+
+    source = bench_model.build_bench_model(bench_model.QUICK_SHAPE, seed=0)
+    other = bench_model.build_bench_model(bench_model.QUICK_SHAPE, seed=1)
+    inputs = bench_model.bench_inputs(source, 64, tail_text=8)
+    with torch.no_grad():
+        expected = source(**inputs).logits
+        assert not torch.equal(other(**inputs).logits, expected)
+        bench_model.share_weights(other, source)
+        assert torch.equal(other(**inputs).logits, expected)
+    pointers = {name: p.data_ptr() for name, p in source.named_parameters()}
+    assert all(p.data_ptr() == pointers[name] for name, p in other.named_parameters())

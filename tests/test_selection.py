@@ -248,3 +248,60 @@ def test_window_scores_from_a_given_lse_select_the_same(case):
     traced_form = dataclasses.replace(inputs, rows=rows, window_lse=lse)
     expected, got = select_from_scores(inputs, case.config), select_from_scores(traced_form, case.config)
     assert torch.equal(got.keep_mask, expected.keep_mask)
+
+
+_RANK_VALUES = [0.0, -0.0, 1.0, 0.5, 2.0**-140, -2.0**-140, -1.0, float("inf"), float("-inf"), 3.0e38]
+
+
+def _stable_ranks(score: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
+    """rank_desc's definition, spelled out: sort by (eligible, score, -position), descending."""
+    from csp_compile.scoring import _rank_desc_two_sorts
+
+    return _rank_desc_two_sorts(score.to(torch.float64), eligible)
+
+
+@given(st.integers(1, 3), st.integers(1, 40), st.data())
+def test_rank_desc_single_key_topk_equals_two_stable_sorts(rows, length, data):
+    """The float32 fast path (one int64 key, top-k up to ``limit``) ranks as the two stable sorts: ties
+    (including -0.0 vs +0.0) to the earlier position, eligible first; beyond ``limit`` only ">= limit"."""
+    from csp_compile.scoring import rank_desc
+
+    values = data.draw(st.lists(st.sampled_from(_RANK_VALUES), min_size=rows * length, max_size=rows * length))
+    score = torch.tensor(values, dtype=torch.float32).view(rows, length)
+    eligible = torch.tensor(data.draw(st.lists(st.booleans(), min_size=rows * length, max_size=rows * length))).view(rows, length)
+    limit = data.draw(st.one_of(st.none(), st.integers(0, length + 3)))
+    expected = _stable_ranks(score, eligible)
+    ranks = rank_desc(score, eligible, limit)
+    exact = expected < (length if limit is None else limit)
+    assert torch.equal(ranks[exact], expected[exact])
+    assert bool((ranks[~exact] >= limit).all()) if limit is not None else bool(exact.all())
+
+
+def test_rank_desc_compiled_by_inductor_equals_eager():
+    """The key's float-to-int bitcast and shifts survive Inductor's codegen (the prefill graph's path)."""
+    from csp_compile.scoring import rank_desc
+
+    gen = torch.Generator().manual_seed(0)
+    score = torch.randint(0, 4, (2, 3, 64), generator=gen).float() / 4
+    score[0, 0, :8] = -0.0
+    eligible = torch.rand(2, 3, 64, generator=gen) > 0.3
+    compiled = torch.compile(rank_desc, backend="inductor", fullgraph=True)
+    assert torch.equal(compiled(score, eligible, 20) < 20, rank_desc(score, eligible, 20) < 20)
+    expected = _stable_ranks(score, eligible)
+    assert torch.equal(compiled(score, eligible, 20)[expected < 20], expected[expected < 20])
+
+
+@given(st.integers(1, 30), st.data())
+def test_kept_layout_is_the_ascending_kept_positions_right_aligned(length, data):
+    from csp_compile.selection import kept_layout
+
+    keep = torch.tensor(data.draw(st.lists(st.booleans(), min_size=2 * length, max_size=2 * length))).view(1, 2, length)
+    num_kept = keep.sum(-1)
+    slots = data.draw(st.integers(int(num_kept.max()), length))
+    indices, valid = kept_layout(keep, num_kept, slots)
+    for head in range(2):
+        kept = torch.nonzero(keep[0, head]).flatten()
+        empty = slots - kept.numel()
+        assert indices[0, head, empty:].tolist() == kept.tolist()
+        assert bool((indices[0, head, :empty] == -1).all())
+        assert valid[0, head].tolist() == [False] * empty + [True] * kept.numel()

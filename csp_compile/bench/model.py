@@ -21,7 +21,7 @@ from transformers import PreTrainedModel
 from csp_compile.tiny_vlms import BOS, FIRST_TEXT_ID, RESERVED_TOP, build_tiny_vlm
 
 __all__ = ["BENCH_SHAPE", "QUICK_SHAPE", "ModelShape", "bench_inputs", "build_bench_model", "decode_weight_bytes",
-           "image_share_of", "padded_pair", "parameter_count"]
+           "image_share_of", "padded_pair", "parameter_count", "share_weights"]
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,18 @@ def build_bench_model(shape: ModelShape, *, device: str = "cpu", dtype: torch.dt
     """The random-weight Llava of ``shape`` (attention "sdpa"), in eval mode on ``device``."""
     model = build_tiny_vlm("llava", seed=seed, dtype=dtype, **shape.overrides())
     return model.to(device)
+
+
+def share_weights(model: PreTrainedModel, source: PreTrainedModel) -> PreTrainedModel:
+    """``model`` (built from the same config) with ``source``'s very parameter and buffer tensors, so that
+    two bench variants read the same memory: timings then cannot differ by where each copy's weights
+    happen to lie (separately built copies differ by up to ~1.5% in matmul time on these CPUs)."""
+    model.load_state_dict(source.state_dict(), assign=True)
+    ours = dict(model.named_parameters(remove_duplicate=False))
+    for name, tensor in source.named_parameters(remove_duplicate=False):
+        if ours[name].data_ptr() != tensor.data_ptr():
+            raise AssertionError(f"share_weights: {name} was copied, not shared")
+    return model
 
 
 def bench_inputs(model: PreTrainedModel, length: int, *, image_share: float = 0.3, image_blocks: int = 4,

@@ -39,7 +39,7 @@ class BenchSettings:
     image_share: float = 0.3
     budget: float = 0.2
     window: int = 32
-    prefill_repeats: int = 5
+    prefill_repeats: int = 6  # a multiple of the 3 variants: each is first, second and last equally often
     scoring_repeats: int = 9
     new_tokens: int = 16
     decode_rounds: int = 2
@@ -86,7 +86,9 @@ def _steps(s: BenchSettings, r: dict[str, Any], state: dict[str, Any]) -> Iterat
     config = CSPConfig(budget=s.budget, window=s.window)
 
     def build() -> None:
-        models = [bench_model.build_bench_model(s.shape, device=s.device, dtype=s.dtype) for _ in range(4)]
+        first = bench_model.build_bench_model(s.shape, device=s.device, dtype=s.dtype)
+        models = [first] + [bench_model.share_weights(bench_model.build_bench_model(s.shape, device=s.device, dtype=s.dtype),
+                                                      first) for _ in range(3)]
         state["plain"], state["csp"], state["snapkv"], state["adaptive"] = models
         baseline.compile_plain(models[0])
         csp_compile.optimize(models[1], config)
@@ -120,8 +122,9 @@ def _steps(s: BenchSettings, r: dict[str, Any], state: dict[str, Any]) -> Iterat
                     for _ in range(2):
                         prefill.prefill(state[name], inputs)
                 times: dict[str, list[float]] = {name: [] for name in PREFILL_VARIANTS}
-                for _ in range(s.prefill_repeats):
-                    for name in PREFILL_VARIANTS:
+                for repeat in range(s.prefill_repeats):  # each variant takes each place in the order in turn
+                    shift = repeat % len(PREFILL_VARIANTS)
+                    for name in PREFILL_VARIANTS[shift:] + PREFILL_VARIANTS[:shift]:
                         times[name] += prefill.time_prefill(state[name], inputs, repeats=1, warmup=0)[1]
                 for name, values in times.items():
                     prefill_ms[f"{name}/{case}/{length}"] = statistics.median(values) * 1e3
@@ -168,7 +171,8 @@ def _steps(s: BenchSettings, r: dict[str, Any], state: dict[str, Any]) -> Iterat
 
     def build_chunked() -> None:
         state.pop("plain", None)  # only the two CSP models are needed from here on
-        state["chunked"] = bench_model.build_bench_model(s.shape, device=s.device, dtype=s.dtype)
+        state["chunked"] = bench_model.share_weights(bench_model.build_bench_model(s.shape, device=s.device, dtype=s.dtype),
+                                                     state["csp"])
         csp_compile.optimize(state["chunked"], config.replace(prefill_chunk=s.prefill_chunk))
         state["longest"] = bench_model.bench_inputs(state["csp"], s.chunk_prompt, image_share=s.image_share,
                                                     device=s.device)

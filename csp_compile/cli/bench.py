@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill-chunk", type=int, metavar="TOKENS",
                         help="chunk size of the chunked prefill (default 2048; --quick 256)")
     parser.add_argument("--layers", type=int, metavar="N", help="language-model layers (default 4; --quick 2)")
-    parser.add_argument("--repeats", type=int, metavar="N", help="timed prefills per variant (default 5; --quick 3)")
+    parser.add_argument("--repeats", type=int, metavar="N", help="timed prefills per variant (default 6; --quick 3)")
     parser.add_argument("--new-tokens", type=int, metavar="N",
                         help="tokens generated per decode run, the first 2 untimed (default 16; --quick 6)")
     parser.add_argument("--engine", choices=("transformers", "vllm"), default="transformers",

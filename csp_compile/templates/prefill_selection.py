@@ -16,30 +16,11 @@ from typing import Callable
 
 import torch
 
-from csp_compile.adaptive import slot_factor
 from csp_compile.config import CSPConfig
 from csp_compile.scoring import AttentionInputs, default_scale
-from csp_compile.selection import budgets_for, kept_layout, select_keep_mask
+from csp_compile.selection import budgets_for, kept_layout, kept_slots, select_keep_mask
 
 __all__ = ["kept_slots", "prefill_selection", "selection_mask", "selection_node_target"]
-
-
-def kept_slots(length: int | torch.SymInt, config: CSPConfig) -> int | torch.SymInt:
-    """P: cache slots per sequence after a prefill of a (padded) prompt of ``length`` tokens: the
-    contract's B of ``length`` (``resolve_budget``), or ``length`` for the "full" policy; with adaptive
-    budgets ``W + 2K`` (``adaptive.slot_factor``), capped at ``length``. Sym ops, so a symbolic length
-    gives a backed expression of it (``round`` of a SymFloat is half to even, as Python's)."""
-    if config.policy == "full":
-        return length
-    if isinstance(config.budget, float):
-        budget = torch.sym_min(length, torch.sym_max(config.window, round(config.budget * length)))
-    else:
-        budget = torch.sym_min(length, config.budget)
-    factor = slot_factor(config)
-    if factor == 1:
-        return budget
-    window = torch.sym_min(config.window, budget)
-    return torch.sym_min(length, window + factor * (budget - window))
 
 
 def prefill_selection(
