@@ -6,11 +6,12 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from vllm import SamplingParams
 from vllm import _custom_ops as ops
 
 from csp_compile.config import CSPConfig
-from csp_compile.data import VOCAB, make_dataset
+from csp_compile.data import IMAGE_TOKENS, VOCAB, make_dataset
 from csp_compile.scoring import resolve_budget
 from csp_compile.selection import select_kept
 from csp_compile.vllm import batch
@@ -49,27 +50,36 @@ def _attention_layer(llm, name):
     return runner.compilation_config.static_forward_context[name]
 
 
-def test_kept_positions_per_layer_and_kv_head_equal_select_kept(csp_llm, records):
-    examples = make_dataset(6, "test")
-    view = batch.view_for(csp_llm.llm_engine.vllm_config)
+def _prefill_and_record(llm, prompts, records):
+    """Greedy one token of every prompt in one ``generate`` call (prefill only: nothing overwrites the
+    cache after); {req_id: the request's prompt token ids as vLLM expanded them}."""
+    view = batch.view_for(llm.llm_engine.vllm_config)
     prompt_ids = {}
     batch.RECORDER.append(lambda name, req_id, *rest: prompt_ids.setdefault(req_id, view.request(req_id).prompt_token_ids))
-    greedy(csp_llm, [task_prompt(e) for e in examples], 1)  # prefill only: nothing overwrites the cache after
+    greedy(llm, prompts, 1)
     layers = 4
-    assert len(records) == len(examples) * layers and len(prompt_ids) == len(examples)
+    assert len(records) == len(prompts) * layers and len(prompt_ids) == len(prompts)
+    return {req_id: torch.tensor(ids) for req_id, ids in prompt_ids.items()}
+
+
+def _check_records_against_select_kept(llm, records, prompt_ids):
+    """Every compaction in ``records``: the plugin's modality ids equal the image tokens of the
+    request's own expanded prompt, its kept count is DESIGN §2's B rounded up to the block
+    congruence, its selection equals ``select_kept`` on that request's own Q/K, and the cache
+    blocks hold each KV head's kept K/V in ascending position from the first kept slot."""
     for name, req_id, query, key, value, modality, plan, selection, slots in records:
-        ids = torch.tensor(prompt_ids[req_id])
-        assert any(torch.equal(ids, e.input_ids) for e in examples)  # vLLM expanded the one placeholder to 64
+        ids = prompt_ids[req_id]
         # modality from the token ids, independently of the placeholder ranges the plugin used
         assert torch.equal(modality, (ids == VOCAB.image).long())
         wanted, _ = resolve_budget(plan.length, CONFIG)
-        assert (plan.length - plan.kept) % BLOCK_SIZE == 0 and wanted <= plan.kept < wanted + BLOCK_SIZE
+        assert plan.length == len(ids) and (plan.length - plan.kept) % BLOCK_SIZE == 0
+        assert wanted <= plan.kept < wanted + BLOCK_SIZE
         oracle = select_kept(query.permute(1, 0, 2)[None], key.permute(1, 0, 2)[None],
                              modality[None], CONFIG.replace(budget=plan.kept), scale=1 / math.sqrt(key.shape[-1]))
         assert torch.equal(selection.indices, oracle.indices), name
         # the cache's blocks now hold each KV head's kept K/V in ascending position from the first kept slot:
         # writing the oracle's gather there again with vLLM's op changes no byte (the layout is the op's own)
-        layer = _attention_layer(csp_llm, name)
+        layer = _attention_layer(llm, name)
         cache = layer.kv_cache[0] if isinstance(layer.kv_cache, (list, tuple)) else layer.kv_cache
         block_ids = torch.unique(slots // cache.shape[2])
         index = oracle.indices[0][..., None].expand(-1, -1, key.shape[-1])
@@ -79,6 +89,61 @@ def test_kept_positions_per_layer_and_kv_head_equal_select_kept(csp_llm, records
                                        value.permute(1, 0, 2).gather(1, index).permute(1, 0, 2).contiguous(),
                                        k_view, v_view, slots, layer.isa, k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
         assert torch.equal(cache[block_ids], expected[block_ids]), name
+
+
+def test_kept_positions_per_layer_and_kv_head_equal_select_kept(csp_llm, records):
+    examples = make_dataset(6, "test")
+    prompt_ids = _prefill_and_record(csp_llm, [task_prompt(e) for e in examples], records)
+    for ids in prompt_ids.values():
+        assert any(torch.equal(ids, e.input_ids) for e in examples)  # vLLM expanded the one placeholder to 64
+    _check_records_against_select_kept(csp_llm, records, prompt_ids)
+
+
+# Llava's image token count is fixed by its vision tower (image_size 32 / patch 4 = 64 tokens, CLIP position
+# embeddings for exactly 8 x 8 patches): vLLM refuses pixel sizes other than 32 x 32 ("pixel_values dim[2] expected
+# 32"), so images of other sizes are resized by the processor (per request: ``mm_processor_kwargs``; the prepared
+# model dir passes 32 x 32 images through unchanged, as the task's). Different image-token counts per request come
+# from the number of images: one image is 64 tokens, two are 128.
+RESIZE = {"do_resize": True, "size": {"height": 32, "width": 32}}
+
+
+def _resized(image, height, width):
+    """The (H, W, 3) task image scaled to ``height`` x ``width`` pixels (an image of another original size)."""
+    pixels = torch.from_numpy(image).permute(2, 0, 1)[None]
+    return F.interpolate(pixels, size=(height, width), mode="bilinear").clamp(0, 1)[0].permute(1, 2, 0).contiguous().numpy()
+
+
+def _images_of_different_sizes():
+    """Four prompts for one batch: the task's 32 x 32 image, a 48 x 48 and a 24 x 40 one (resized by the
+    processor), and one with two images (16 x 56 and 40 x 40: 128 image tokens), placeholders at other offsets."""
+    examples = make_dataset(4, "test", seed=5)
+    prompts = [task_prompt(e) for e in examples]
+    for prompt, (height, width) in zip(prompts[1:3], [(48, 48), (24, 40)]):
+        prompt["multi_modal_data"] = {"image": _resized(prompt["multi_modal_data"]["image"], height, width)}
+        prompt["mm_processor_kwargs"] = RESIZE
+    two = prompts[3]
+    ids, image = two["prompt_token_ids"], two["multi_modal_data"]["image"]
+    middle = len(ids) // 2
+    two["prompt_token_ids"] = ids[:middle] + [VOCAB.image] + ids[middle:]
+    two["multi_modal_data"] = {"image": [_resized(image, 16, 56), _resized(image[::-1].copy(), 40, 40)]}
+    two["mm_processor_kwargs"] = RESIZE
+    return prompts
+
+
+def test_one_batch_of_images_of_different_sizes_keeps_each_requests_own_selection(csp_llm, records):
+    prompts = _images_of_different_sizes()
+    prompt_ids = _prefill_and_record(csp_llm, prompts, records)
+    image_tokens = sorted(int((ids == VOCAB.image).sum()) for ids in prompt_ids.values())
+    assert image_tokens == [IMAGE_TOKENS] * 3 + [2 * IMAGE_TOKENS]
+    assert len({len(ids) for ids in prompt_ids.values()}) > 1
+    first_layer = records[0][0]
+    assert [r[0] for r in records[: len(prompts)]] == [first_layer] * len(prompts)  # all compacted in one step
+    _check_records_against_select_kept(csp_llm, records, prompt_ids)
+
+
+def test_one_batch_of_images_of_different_sizes_at_full_budget_gives_plain_vllm_tokens(engine, plain_llm):
+    prompts = _images_of_different_sizes()
+    assert greedy(engine(CSPConfig(budget=1.0, window=8)), prompts, 4) == greedy(plain_llm, prompts, 4)
 
 
 def test_a_request_holds_only_its_kept_blocks_after_prefill(csp_llm, plain_llm):

@@ -44,7 +44,7 @@ class BatchView:
         """The runner's ``CachedRequestState`` of ``req_id`` (``mm_features``, ``prompt_token_ids`` ...)."""
         return self.runner.requests[req_id]
 
-    def offsets(self, req_ids: list[str], fresh: torch.Tensor) -> torch.Tensor | None:
+    def offsets(self, req_ids: list[str], fresh: list[bool]) -> torch.Tensor | None:
         """(rows,) evicted leading tokens per row, or None when no row has any. Rows that are
         ``fresh`` prefills (nothing computed before this step) drop their stale record (a preempted
         request is recomputed from scratch). Records of requests that left the runner are dropped."""
@@ -52,7 +52,7 @@ class BatchView:
         for req_id in [r for r in self.evicted_tokens if r not in live]:
             del self.evicted_tokens[req_id]
         values = []
-        for req_id, is_fresh in zip(req_ids, fresh.tolist()):
+        for req_id, is_fresh in zip(req_ids, fresh):
             if is_fresh:
                 self.evicted_tokens.pop(req_id, None)
             values.append(self.evicted_tokens.get(req_id, 0))

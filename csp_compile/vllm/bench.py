@@ -13,10 +13,17 @@ prompts (an image and ``prompt`` tokens in all). Figures (``bNN`` = budget in pe
 
 Each as CSP / off, with the raw values beside them. The engine core runs in this process (the
 scheduler is read between steps).
+
+``python -m csp_compile.vllm.bench [--repeats N] [--prompt T]`` measures the prefill overhead alone
+(``run_prefill_profile``: the same interleaved prefill steps, more of them) and where the CSP
+engine's extra time goes: milliseconds per prefill step in ``select_kept`` and in the rest of the
+plugin's compaction (gathers, cache write), medians over the timed steps.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import gc
 import json
 import math
@@ -26,13 +33,13 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from csp_compile.config import CSPConfig
 from csp_compile.data.lookup import IMAGE_TOKENS, NUM_FILLERS, VOCAB, render_glyph
 from csp_compile.vllm.engine import BLOCK_SIZE, held_blocks, make_llm, scheduler_of
 
-__all__ = ["VLLMBenchSettings", "long_prompt", "run_vllm_bench"]
+__all__ = ["VLLMBenchSettings", "long_prompt", "run_prefill_profile", "run_vllm_bench"]
 
 
 @dataclass(frozen=True)
@@ -124,9 +131,10 @@ def _workload(llm: Any, settings: VLLMBenchSettings) -> tuple[int, float]:
     return most, produced / (time.perf_counter() - start)
 
 
-def run_vllm_bench(settings: VLLMBenchSettings, model_dir: Path,
-                   progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """The flat result (see the module docstring)."""
+def _engines(settings: VLLMBenchSettings, model_dir: Path,
+             progress: Callable[[str], None] | None = None) -> tuple[dict[str, Any], int]:
+    """({"off": engine, "csp": engine}, their KV memory in bytes), both with room for ``full_capacity``
+    full-cache requests."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     max_len = settings.prompt + settings.new_tokens
     if max_len > 1024:
@@ -139,6 +147,70 @@ def run_vllm_bench(settings: VLLMBenchSettings, model_dir: Path,
         if progress:
             progress(f"engine {name}")
         engines[name] = make_llm(model_dir, csp, max_model_len=max_len, kv_cache_memory_bytes=memory, max_num_seqs=256)
+    return engines, memory
+
+
+@contextlib.contextmanager
+def _timed_compaction() -> Iterator[dict[str, dict[str, float]]]:
+    """{req_id: {"select_kept": s, "compact": s}} summed over the layers, while the context is open
+    (wraps the CSP backend's ``select_kept`` and ``_compact``; restored after)."""
+    from csp_compile.vllm import cpu_backend
+
+    seconds: dict[str, dict[str, float]] = {}
+    impl, select, compact = cpu_backend.CSPCPUAttentionImpl, cpu_backend.select_kept, cpu_backend.CSPCPUAttentionImpl._compact
+    current: list[str] = []
+
+    def add(name: str, start: float) -> None:
+        entry = seconds.setdefault(current[-1], {"select_kept": 0.0, "compact": 0.0})
+        entry[name] += time.perf_counter() - start
+
+    def timed_select(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return select(*args, **kwargs)
+        finally:
+            add("select_kept", start)
+
+    def timed_compact(self: Any, layer: Any, batch: Any, compaction: Any, *args: Any) -> None:
+        current.append(compaction.req_id)
+        start = time.perf_counter()
+        try:
+            compact(self, layer, batch, compaction, *args)
+        finally:
+            add("compact", start)
+            current.pop()
+
+    cpu_backend.select_kept, impl._compact = timed_select, timed_compact
+    try:
+        yield seconds
+    finally:
+        cpu_backend.select_kept, impl._compact = select, compact
+
+
+def run_prefill_profile(settings: VLLMBenchSettings, model_dir: Path) -> dict[str, Any]:
+    """``vllm_prefill_overhead_bNN`` alone (``settings.repeats`` interleaved steps, as the bench) and,
+    in ms per CSP prefill step (medians over the timed steps), the time in ``select_kept`` and in the
+    plugin's whole compaction (``select_kept`` included), next to the two engines' step times."""
+    engines, _ = _engines(settings, model_dir)
+    try:
+        with _timed_compaction() as seconds:
+            prefill = _prefill(engines, settings)
+    finally:
+        engines.clear()
+        gc.collect()
+    timed = list(seconds.values())[2:]  # the two warm-up requests are not timed
+    tag = settings.tag
+    return {f"vllm_prefill_overhead_{tag}": prefill["csp"][1] / prefill["off"][1],
+            "vllm_prefill_ms_off": 1e3 * prefill["off"][1], "vllm_prefill_ms_csp": 1e3 * prefill["csp"][1],
+            "vllm_select_kept_ms_per_step": 1e3 * statistics.median(t["select_kept"] for t in timed),
+            "vllm_compaction_ms_per_step": 1e3 * statistics.median(t["compact"] for t in timed),
+            "vllm_prompt_tokens": settings.prompt, "vllm_repeats": settings.repeats}
+
+
+def run_vllm_bench(settings: VLLMBenchSettings, model_dir: Path,
+                   progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """The flat result (see the module docstring)."""
+    engines, memory = _engines(settings, model_dir, progress)
     try:
         prefill = _prefill(engines, settings)
         raw: dict[str, dict[str, float]] = {}
@@ -164,3 +236,17 @@ def run_vllm_bench(settings: VLLMBenchSettings, model_dir: Path,
                    "vllm_requests": settings.requests, "vllm_kv_cache_memory_bytes": memory,
                    "vllm_block_size": BLOCK_SIZE, "vllm_budget": settings.budget, "vllm_window": settings.window})
     return result
+
+
+if __name__ == "__main__":
+    from csp_compile.vllm.engine import prepared_model_dir
+
+    parser = argparse.ArgumentParser(prog="python -m csp_compile.vllm.bench",
+                                     description="vLLM prefill overhead of CSP and where it goes (see the module docstring)")
+    parser.add_argument("--repeats", type=int, default=12, help="timed prefill steps per engine (default 12)")
+    parser.add_argument("--prompt", type=int, default=VLLMBenchSettings.prompt, help="prompt tokens (default 2048)")
+    parser.add_argument("--budget", type=float, default=VLLMBenchSettings.budget, help="CSP budget (default 0.2)")
+    args = parser.parse_args()
+    profile = run_prefill_profile(VLLMBenchSettings(prompt=args.prompt, budget=args.budget, repeats=args.repeats),
+                                  prepared_model_dir())
+    print(json.dumps(profile, indent=1))

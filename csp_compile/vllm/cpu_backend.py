@@ -9,6 +9,9 @@ kept K/V of every KV head, in ascending original position, into the slots of the
 ``freed_blocks`` blocks then hold nothing anyone reads; ``scheduler_hook`` frees them and, at every
 later step, the metadata builder drops them from the row's block table and ``seq_lens``.
 Positions stay logical: vLLM derives them from ``num_computed_tokens``.
+Which rows are such prefills, their plans, selection configs and modality ids are worked out
+once per step by the metadata builder (``Compaction``); every layer reuses them, so a layer's
+extra work is ``select_kept``, two gathers and the cache write.
 
 A GPU backend is wrapped the same way: the kept K/V go through that backend's own cache-write op
 (``reshape_and_cache_flash`` for FlashAttention) and the builder shifts its block table and
@@ -39,16 +42,30 @@ from csp_compile.vllm.modality import modality_ids
 from csp_compile.vllm.settings import check_engine
 
 __all__ = ["CSPCPUAttentionBackend", "CSPCPUAttentionImpl", "CSPCPUAttentionMetadata", "CSPCPUMetadataBuilder",
-           "shift_rows"]
+           "Compaction", "shift_rows"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Compaction:
+    """One request that this step prefills whole and compacts, worked out once per step by the
+    metadata builder (every layer of the step reuses it): its tokens are rows ``start ..
+    start + plan.length - 1`` of the step, ``config`` is the engine's CSPConfig with
+    ``budget=plan.kept``, ``modality`` (L,) its modality ids."""
+
+    req_id: str
+    start: int
+    plan: EvictionPlan
+    config: CSPConfig
+    modality: torch.Tensor
 
 
 @dataclasses.dataclass
 class CSPCPUAttentionMetadata(CPUAttentionMetadata):
-    """vLLM's CPU metadata plus what the impl needs to compact: the engine's batch view and the
-    request id of each row (None when CSP is off)."""
+    """vLLM's CPU metadata plus what the impl needs to compact: the engine's batch view (None when
+    CSP is off) and the requests this step compacts."""
 
     csp_batch: BatchView | None = None
-    csp_req_ids: list[str] | None = None
+    csp_compactions: tuple[Compaction, ...] = ()
 
 
 def shift_rows(common: CommonAttentionMetadata, offsets: torch.Tensor, block_size: int) -> CommonAttentionMetadata:
@@ -82,15 +99,27 @@ class CSPCPUMetadataBuilder(CPUAttentionMetadataBuilder):
             return super().build(common_prefix_len, common_attn_metadata, fast_build)
         common = common_attn_metadata
         rows = common.num_reqs
-        starts = common.query_start_loc_cpu[: rows + 1]
-        fresh = (starts[1:] - starts[:-1]) == common.seq_lens[:rows].cpu()
+        starts = common.query_start_loc_cpu[: rows + 1].tolist()
+        lengths = common.seq_lens[:rows].cpu().tolist()  # on the CPU backend already: no copy
+        fresh = [starts[row + 1] - starts[row] == length for row, length in enumerate(lengths)]
         req_ids = self.batch.req_ids(rows)
+        compactions = tuple(self._compaction(req_id, starts[row], lengths[row])
+                            for row, req_id in enumerate(req_ids) if fresh[row] and lengths[row] >= 2)
         offsets = self.batch.offsets(req_ids, fresh)
         if offsets is not None:
             common = shift_rows(common, offsets, self.block_size)
         built = super().build(common_prefix_len, common, fast_build)
         fields = {f.name: getattr(built, f.name) for f in dataclasses.fields(CPUAttentionMetadata)}
-        return CSPCPUAttentionMetadata(**fields, csp_batch=self.batch, csp_req_ids=req_ids)
+        return CSPCPUAttentionMetadata(**fields, csp_batch=self.batch,
+                                       csp_compactions=tuple(c for c in compactions if c is not None))
+
+    def _compaction(self, req_id: str, start: int, length: int) -> Compaction | None:
+        """What the layers do with a request prefilled whole in this step (None: nothing to free)."""
+        plan = plan_eviction(length, self.csp, self.block_size)
+        if plan.freed_blocks == 0:
+            return None
+        return Compaction(req_id=req_id, start=start, plan=plan, config=self.csp.replace(budget=plan.kept),
+                          modality=modality_ids(self.batch.request(req_id).mm_features, length))
 
 
 class CSPCPUAttentionImpl(CPUAttentionBackendImpl):
@@ -109,44 +138,35 @@ class CSPCPUAttentionImpl(CPUAttentionBackendImpl):
                 output_scale=None, output_block_scale=None) -> torch.Tensor:  # noqa: ANN001
         output = super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
                                  output_scale, output_block_scale)
-        if self.csp is None or not isinstance(attn_metadata, CSPCPUAttentionMetadata) or attn_metadata.csp_batch is None:
+        if self.csp is None or not isinstance(attn_metadata, CSPCPUAttentionMetadata):
             return output
-        if attn_metadata.max_query_len < 2:
-            return output  # a decode-only step: no prompt to score
-        starts = attn_metadata.query_start_loc.cpu().tolist()
-        seq_lens = attn_metadata.seq_lens.cpu().tolist()
-        for row, length in enumerate(seq_lens):
-            start = starts[row]
-            if starts[row + 1] - start != length or length < 2:
-                continue  # not a from-scratch prefill of the whole request
-            plan = plan_eviction(length, self.csp, self.block_size)
-            if plan.freed_blocks == 0:
-                continue
-            rows = slice(start, start + length)
-            self._compact(layer, attn_metadata.csp_batch, attn_metadata.csp_req_ids[row], plan, query[rows], key[rows],
-                          value[rows], kv_cache, attn_metadata.slot_mapping[rows])
+        for compaction in attn_metadata.csp_compactions:  # empty at decode-only steps
+            self._compact(layer, attn_metadata.csp_batch, compaction, query, key, value, kv_cache,
+                          attn_metadata.slot_mapping)
         return output
 
-    def _compact(self, layer, batch: BatchView, req_id: str, plan: EvictionPlan, query: torch.Tensor,  # noqa: ANN001
-                 key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slots: torch.Tensor) -> None:
-        """Select ``plan.kept`` tokens per KV head and write them into ``slots[-kept:]``."""
-        length, kept = plan.length, plan.kept
-        modality = modality_ids(batch.request(req_id).mm_features, length)
-        q = query.permute(1, 0, 2)[None]  # (1, hq, L, D)
-        k = key.permute(1, 0, 2)[None]  # (1, hkv, L, D)
-        selection = select_kept(q, k, modality[None], self.csp.replace(budget=kept), scale=self.scale)
-        index = selection.indices[0]  # (hkv, kept) ascending
-        gather = index[..., None].expand(-1, -1, key.shape[-1])
-        kept_key = k[0].gather(1, gather).permute(1, 0, 2).contiguous()  # (kept, hkv, D)
-        kept_value = value.permute(1, 0, 2).gather(1, gather).permute(1, 0, 2).contiguous()
+    def _compact(self, layer, batch: BatchView, compaction: Compaction, query: torch.Tensor,  # noqa: ANN001
+                 key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """Select ``plan.kept`` tokens per KV head of one request (rows of the step's ``query``,
+        ``key``, ``value``) and write them into the slots of its last ``kept`` positions."""
+        plan, start = compaction.plan, compaction.start
+        rows, stop = slice(start, start + plan.length), start + plan.length
+        query, key, value = query[rows], key[rows], value[rows]
+        slots = slot_mapping[stop - plan.kept:stop]
+        selection = select_kept(query.permute(1, 0, 2)[None], key.permute(1, 0, 2)[None], compaction.modality[None],
+                                compaction.config, scale=self.scale)
+        index = selection.indices[0].t()  # (kept, hkv): each KV head's kept positions, ascending
+        heads = torch.arange(index.shape[1], device=index.device)
+        kept_key = key[index, heads].contiguous()  # (kept, hkv, D): the layout of the op's input
+        kept_value = value[index, heads].contiguous()
         num_blocks, num_kv_heads, block_size, _ = kv_cache.size()
         key_cache, value_cache = kv_cache.view((num_blocks, num_kv_heads, block_size * 2, -1)).chunk(2, dim=2)
-        ops.cpu_attn_reshape_and_cache(kept_key, kept_value, key_cache, value_cache, slots[length - kept:],
+        ops.cpu_attn_reshape_and_cache(kept_key, kept_value, key_cache, value_cache, slots,
                                        layer.isa, k_scale=layer._k_scale_float, v_scale=layer._v_scale_float,
                                        kv_cache_dtype=self.kv_cache_dtype)
-        batch.evicted_tokens[req_id] = plan.evicted_tokens
+        batch.evicted_tokens[compaction.req_id] = plan.evicted_tokens
         for record in RECORDER:
-            record(layer.layer_name, req_id, query, key, value, modality, plan, selection, slots[length - kept:])
+            record(layer.layer_name, compaction.req_id, query, key, value, compaction.modality, plan, selection, slots)
 
 
 class CSPCPUAttentionBackend(CPUAttentionBackend):

@@ -40,14 +40,14 @@ def csp_entry(config: CSPConfig | None) -> dict[str, Any]:
 
 
 def make_llm(model_dir: str | Path, config: CSPConfig | None, **overrides: Any) -> Any:
-    """A ``vllm.LLM`` on ``model_dir`` (float32, eager, one image per prompt) with CSP ``config``
+    """A ``vllm.LLM`` on ``model_dir`` (float32, eager, up to two images per prompt) with CSP ``config``
     (None: plain vLLM); ``overrides`` replace any engine argument."""
     from vllm import LLM
 
     kwargs: dict[str, Any] = dict(
         model=str(model_dir), dtype="float32", enforce_eager=True, max_model_len=1024, block_size=BLOCK_SIZE,
         enable_prefix_caching=False, enable_chunked_prefill=False, max_num_seqs=64,
-        kv_cache_memory_bytes=64 << 20, limit_mm_per_prompt={"image": 1}, seed=0,
+        kv_cache_memory_bytes=64 << 20, limit_mm_per_prompt={"image": 2}, seed=0,
         additional_config=csp_entry(config),
     )
     kwargs.update(overrides)
