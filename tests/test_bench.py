@@ -53,6 +53,9 @@ def test_quick_bench_writes_every_figure(quick_run):
     assert set(result["prefill_overhead_cases"]) == {f"{policy}/{case}/{length}" for policy in ("csp", "snapkv")
                                                      for case in ("text", "image", "padded") for length in (192, 256)}
     assert result["prefill_overhead_ratio"] == max(result["prefill_overhead_cases"].values())
+    assert set(result["prefill_noise_cases"]) == {f"{case}/{length}" for case in ("text", "image", "padded")
+                                                  for length in (192, 256)}
+    assert result["prefill_noise_worst"] == max(abs(x - 1) for x in result["prefill_noise_cases"].values())
     assert result["prompt_tokens"] == 192 and result["long_prompt_tokens"] == 256
     assert result["num_hidden_layers"] == 1 and result["threads"] == 1 and result["device"] == "cpu"
     assert 0.2 <= result["image_token_share"] <= 0.35

@@ -12,8 +12,8 @@ FIGURES: dict[str, str] = {
     "prefill_overhead_ratio":
         "prefill time, Llava with csp_compile.optimize (budget {budget}) / the same Llava compiled plainly with the "
         "same attention op and causal shortcut; the worst of CSP and SnapKV x ({cases}) x ({prompt}, {long_prompt} "
-        "tokens), here {worst}; medians of {repeats} repeats after warm-up, the variants in rotating order and "
-        "sharing one copy of the weights",
+        "tokens), here {worst}; each the median over {repeats} rounds (after warm-up) of the ratio within a round, "
+        "the variants in rotating order and sharing one copy of the weights",
     "naive_scoring_speedup":
         "one layer's CSP self/cross scores, {prompt} tokens: authors' way (full L x L n-softmax in eager, then the "
         "window rows) / fused scoring ({fused_impl})",
@@ -115,6 +115,8 @@ def format_table(result: dict[str, Any]) -> str:
         ("setup", f"{result['device']} ({result['device_name']}), {result['dtype']}, {result['threads']} threads, "
                   f"torch {result['torch_version']}, budget {result['budget']}, window {result['window']}"),
         ("prefill", "; ".join(f"{case} {ratio:.3f}" for case, ratio in result["prefill_overhead_cases"].items())),
+        ("A/A", "plain copy / plain (the timing noise): " + "; ".join(
+            f"{case} {ratio:.3f}" for case, ratio in result["prefill_noise_cases"].items())),
         ("scoring", f"naive {result['scoring_ms_naive']:.2f} ms, reference {result['scoring_ms_reference']:.2f} ms, "
                     f"fused {result['scoring_ms_fused']:.2f} ms ({result['fused_scoring_impl']})"),
         ("decode", f"{result['decode_step_ms_plain']:.2f} ms/token full, {result['decode_step_ms_csp']:.2f} ms/token "

@@ -25,7 +25,7 @@ __all__ = ["BenchSettings", "OVERHEAD_CASES", "run_bench"]
 
 # prefill overhead prompts: text only (causal mask), image_share image tokens, a left-padded batch of 2
 OVERHEAD_CASES = ("text", "image", "padded")
-PREFILL_VARIANTS = ("plain", "csp", "snapkv")
+PREFILL_VARIANTS = ("plain", "csp", "snapkv", "plain_copy")  # plain_copy: the A/A control (a second plain model)
 ADAPTIVE = {"layer_budget": "pyramid", "head_budget": "adaptive"}  # the decode-speed check of adaptive budgets
 
 
@@ -39,7 +39,7 @@ class BenchSettings:
     image_share: float = 0.3
     budget: float = 0.2
     window: int = 32
-    prefill_repeats: int = 6  # a multiple of the 3 variants: each is first, second and last equally often
+    prefill_repeats: int = 6  # rounds of the 4 variants (rotating order)
     scoring_repeats: int = 9
     new_tokens: int = 16
     decode_rounds: int = 2
@@ -90,7 +90,10 @@ def _steps(s: BenchSettings, r: dict[str, Any], state: dict[str, Any]) -> Iterat
         models = [first] + [bench_model.share_weights(bench_model.build_bench_model(s.shape, device=s.device, dtype=s.dtype),
                                                       first) for _ in range(3)]
         state["plain"], state["csp"], state["snapkv"], state["adaptive"] = models
+        state["plain_copy"] = bench_model.share_weights(bench_model.build_bench_model(s.shape, device=s.device, dtype=s.dtype),
+                                                        first)
         baseline.compile_plain(models[0])
+        baseline.compile_plain(state["plain_copy"])
         csp_compile.optimize(models[1], config)
         csp_compile.optimize(models[2], config.replace(policy="snapkv"))
         csp_compile.optimize(models[3], config.replace(**ADAPTIVE))
@@ -114,6 +117,7 @@ def _steps(s: BenchSettings, r: dict[str, Any], state: dict[str, Any]) -> Iterat
     yield f"scoring: naive / reference / fused, {s.prompt} tokens", score
 
     prefill_ms: dict[str, float] = state.setdefault("prefill_ms", {})  # "variant/case/length" -> median ms
+    round_ratios: dict[str, float] = state.setdefault("round_ratios", {})  # "variant/case/length" -> median ratio
     for length in (s.prompt, s.long_prompt):
         for case in OVERHEAD_CASES:
             def time_case(case: str = case, length: int = length) -> None:
@@ -128,16 +132,20 @@ def _steps(s: BenchSettings, r: dict[str, Any], state: dict[str, Any]) -> Iterat
                         times[name] += prefill.time_prefill(state[name], inputs, repeats=1, warmup=0)[1]
                 for name, values in times.items():
                     prefill_ms[f"{name}/{case}/{length}"] = statistics.median(values) * 1e3
+                    round_ratios[f"{name}/{case}/{length}"] = statistics.median(
+                        mine / plain for mine, plain in zip(values, times["plain"]))  # per round: drift cancels
             yield (f"prefill overhead: {case} prompt, {length} tokens ({s.prefill_repeats} x "
                    f"{len(PREFILL_VARIANTS)} prefills after warm-up)"), time_case
 
     def overhead_figures() -> None:
         state.pop("snapkv")
-        ratios = {f"{policy}/{key.split('/', 1)[1]}": ms / prefill_ms[f"plain/{key.split('/', 1)[1]}"]
-                  for key, ms in prefill_ms.items() for policy in ("csp", "snapkv") if key.startswith(policy + "/")}
+        state.pop("plain_copy")
+        ratios = {key: ratio for key, ratio in round_ratios.items() if key.split("/", 1)[0] in ("csp", "snapkv")}
+        noise = {key.split("/", 1)[1]: ratio for key, ratio in round_ratios.items() if key.startswith("plain_copy/")}
         worst = max(ratios, key=ratios.get)
         r.update(prefill_overhead_ratio=ratios[worst], prefill_overhead_worst_case=worst,
-                 prefill_overhead_cases=ratios, prefill_ms=dict(prefill_ms))
+                 prefill_overhead_cases=ratios, prefill_ms=dict(prefill_ms), prefill_noise_cases=noise,
+                 prefill_noise_worst=max(abs(x - 1) for x in noise.values()))
 
     decodes: dict[str, list[decode.DecodeResult]] = {"plain": [], "csp": [], "adaptive": []}
     for round_ in range(s.decode_rounds):
