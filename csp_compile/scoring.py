@@ -87,9 +87,8 @@ def masked_scores(inputs: AttentionInputs, rows: slice) -> torch.Tensor:
     dtype = inputs.compute_dtype
     q = inputs.query[:, :, rows].to(dtype)
     num_rows = q.shape[2]
-    q = q.reshape(b, hkv, hq // hkv, num_rows, dim)
-    k = inputs.key.to(dtype)[:, :, None]
-    scores = (q @ k.transpose(-1, -2)).reshape(b, hq, num_rows, length) * inputs.scale
+    q = q.reshape(b, hkv, hq // hkv * num_rows, dim)  # a KV head's query group as one block of rows: K is not copied
+    scores = (q @ inputs.key.to(dtype).transpose(-1, -2)).reshape(b, hq, num_rows, length) * inputs.scale
     neg_inf = torch.tensor(float("-inf"), dtype=dtype, device=scores.device)
     if inputs.mask is None:
         query_pos = torch.arange(length, device=scores.device)[rows]
@@ -126,10 +125,8 @@ def modality_split(inputs: AttentionInputs, probs: torch.Tensor) -> tuple[torch.
     different-modality (cross) parts: two (b, hq, L) tensors."""
     w_max = probs.shape[2]
     query_modality = inputs.modality[:, inputs.length - w_max:]
-    same = (query_modality[:, :, None] == inputs.modality[:, None, :]).to(probs.dtype)
-    self_scores = torch.einsum("bhwl,bwl->bhl", probs, same)
-    cross_scores = torch.einsum("bhwl,bwl->bhl", probs, 1.0 - same)
-    return self_scores, cross_scores
+    same = (query_modality[:, :, None] == inputs.modality[:, None, :])[:, None]  # (b, 1, W, L)
+    return torch.where(same, probs, 0.0).sum(dim=2), torch.where(same, 0.0, probs).sum(dim=2)
 
 
 def gqa_mean(scores: torch.Tensor, kv_heads: int) -> torch.Tensor:
