@@ -67,26 +67,28 @@ def select_from_scores(
 
 def select_keep_mask(
     inputs: AttentionInputs, config: CSPConfig, scores: PolicyScores | None = None, *, budgets: torch.Tensor | None = None,
-    layer: tuple[int, int] = (0, 1),
+    layer: tuple[int, int] = (0, 1), rank_limit: int | torch.SymInt | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``select_from_scores`` as (keep (b, hkv, L) bool, num_kept, num_secondary (b, hkv)): tensor ops
     only, no host sync, so it traces into a compiled graph when the policy's score function does.
     num_kept is (b,) per sequence, or (b, hkv) per KV head with adaptive budgets (``adaptive``), which
-    also read ``layer`` = (this layer's rank among the evicting layers, their count)."""
+    also read ``layer`` = (this layer's rank among the evicting layers, their count). rank_limit: with
+    ``budgets`` given, a bound on them (the rankings stop there), or None (everything is ranked)."""
     lengths = inputs.valid.sum(-1)
     policy = get_policy(config.policy)
     if policy.score is None:
         keep = inputs.valid[:, None, :].expand(-1, inputs.kv_heads, -1)
         num_kept = lengths[:, None].expand(-1, inputs.kv_heads) if is_adaptive(config) else lengths
         return keep, num_kept, torch.zeros(keep.shape[:2], dtype=torch.int64, device=keep.device)
+    limit = rank_limit
     if budgets is None:
         budgets = budgets_for(lengths, config)[0]
+        limit = kept_slots(inputs.length, config)  # >= W + every head's picks of these budgets
     window = inputs.window
     k_uniform = (budgets.to(window.device) - window).clamp(min=0)
     scores = policy.score(inputs, config) if scores is None else scores
     candidates = inputs.candidates()
     k_layer = layer_picks(k_uniform, candidates.sum(-1), *layer, config)
-    limit = kept_slots(inputs.length, config)  # >= every count below (kept_slots bounds W + picks)
     k_total = head_counts(allocation_score(scores), candidates, k_layer, k_uniform, config, limit)  # (b, hkv)
     k_secondary = policy.split(scores, inputs, config, k_total)
     keep = pick_top(scores, candidates, k_total, k_secondary, limit)

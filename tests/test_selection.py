@@ -305,3 +305,21 @@ def test_kept_layout_is_the_ascending_kept_positions_right_aligned(length, data)
         assert indices[0, head, empty:].tolist() == kept.tolist()
         assert bool((indices[0, head, :empty] == -1).all())
         assert valid[0, head].tolist() == [False] * empty + [True] * kept.numel()
+
+
+@pytest.mark.parametrize("policy", ["csp", "snapkv"])
+def test_budgets_above_the_configured_slots_are_ranked_in_full(policy):
+    """Decode-time reselection passes budgets of the tokens seen, which can exceed the configured B of
+    the (shorter) slot axis: those picks must still be made, not cut at that B."""
+    from csp_compile.selection import select_from_scores
+
+    gen = torch.Generator().manual_seed(3)
+    length = 40
+    q, k = torch.randn(1, 2, length, 8, generator=gen), torch.randn(1, 2, length, 8, generator=gen)
+    modality = torch.zeros(1, length, dtype=torch.int64)
+    modality[:, 5:20] = 1
+    config = CSPConfig(budget=0.2, window=4, policy=policy)
+    inputs = make_attention_inputs(q, k, modality, config)
+    for kept in (length, 30):
+        selection = select_from_scores(inputs, config, budgets=torch.tensor([kept]))
+        assert selection.keep_mask.sum(-1).tolist() == [[kept, kept]]

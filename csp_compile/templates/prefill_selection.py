@@ -59,7 +59,7 @@ def prefill_selection(
         scale=default_scale(dim) if scale is None else float(scale),
         window=window, rows=rows, window_lse=window_lse,
     )
-    keep, num_kept, _ = select_keep_mask(inputs, config, budgets=budgets, layer=layer)
+    keep, num_kept, _ = select_keep_mask(inputs, config, budgets=budgets, layer=layer, rank_limit=slots)
     return kept_layout(keep, num_kept, slots)
 
 
