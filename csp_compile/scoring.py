@@ -193,7 +193,7 @@ def _rank_key(score: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
     """int64 keys (..., L), distinct and ordered as ``rank_desc`` ranks: bit 62 eligible, bits 30..61
     the float32 score's order-preserving bit pattern, bits 0..29 the reversed position."""
     length = score.shape[-1]
-    torch._check(length < 2**_POSITION_BITS, lambda: f"rank_desc: {length} positions: at most 2**30 - 1")
+    torch._check(length < 2**_POSITION_BITS, lambda: "rank_desc: at most 2**30 - 1 positions")
     bits = torch.where(score == 0, 0.0, score).view(torch.int32).to(torch.int64)  # -0.0 -> +0.0
     ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits) + 2**31  # in [0, 2**32), as the floats compare
     reversed_position = (2**_POSITION_BITS - 1) - torch.arange(length, device=score.device)
