@@ -85,13 +85,15 @@ def _steps(s: BenchSettings, r: dict[str, Any], state: dict[str, Any]) -> Iterat
     """The measurements in order; each fills ``r`` (the result) and ``state`` (objects between steps)."""
     config = CSPConfig(budget=s.budget, window=s.window)
 
+    def sharing(source: Any) -> Any:
+        """Another bench model with ``source``'s weight tensors (timings cannot differ by weight placement)."""
+        return bench_model.share_weights(bench_model.build_bench_model(s.shape, device=s.device, dtype=s.dtype), source)
+
     def build() -> None:
         first = bench_model.build_bench_model(s.shape, device=s.device, dtype=s.dtype)
-        models = [first] + [bench_model.share_weights(bench_model.build_bench_model(s.shape, device=s.device, dtype=s.dtype),
-                                                      first) for _ in range(3)]
+        models = [first] + [sharing(first) for _ in range(3)]
         state["plain"], state["csp"], state["snapkv"], state["adaptive"] = models
-        state["plain_copy"] = bench_model.share_weights(bench_model.build_bench_model(s.shape, device=s.device, dtype=s.dtype),
-                                                        first)
+        state["plain_copy"] = sharing(first)
         baseline.compile_plain(models[0])
         baseline.compile_plain(state["plain_copy"])
         csp_compile.optimize(models[1], config)
@@ -179,8 +181,7 @@ def _steps(s: BenchSettings, r: dict[str, Any], state: dict[str, Any]) -> Iterat
 
     def build_chunked() -> None:
         state.pop("plain", None)  # only the two CSP models are needed from here on
-        state["chunked"] = bench_model.share_weights(bench_model.build_bench_model(s.shape, device=s.device, dtype=s.dtype),
-                                                     state["csp"])
+        state["chunked"] = sharing(state["csp"])
         csp_compile.optimize(state["chunked"], config.replace(prefill_chunk=s.prefill_chunk))
         state["longest"] = bench_model.bench_inputs(state["csp"], s.chunk_prompt, image_share=s.image_share,
                                                     device=s.device)
