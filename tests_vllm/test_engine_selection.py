@@ -67,7 +67,7 @@ def _check_records_against_select_kept(llm, records, prompt_ids):
     request's own expanded prompt, its kept count is DESIGN §2's B rounded up to the block
     congruence, its selection equals ``select_kept`` on that request's own Q/K, and the cache
     blocks hold each KV head's kept K/V in ascending position from the first kept slot."""
-    for name, req_id, query, key, value, modality, plan, selection, slots in records:
+    for name, req_id, query, key, value, modality, plan, indices, slots in records:
         ids = prompt_ids[req_id]
         # modality from the token ids, independently of the placeholder ranges the plugin used
         assert torch.equal(modality, (ids == VOCAB.image).long())
@@ -76,7 +76,7 @@ def _check_records_against_select_kept(llm, records, prompt_ids):
         assert wanted <= plan.kept < wanted + BLOCK_SIZE
         oracle = select_kept(query.permute(1, 0, 2)[None], key.permute(1, 0, 2)[None],
                              modality[None], CONFIG.replace(budget=plan.kept), scale=1 / math.sqrt(key.shape[-1]))
-        assert torch.equal(selection.indices, oracle.indices), name
+        assert torch.equal(indices, oracle.indices[0]), name
         # the cache's blocks now hold each KV head's kept K/V in ascending position from the first kept slot:
         # writing the oracle's gather there again with vLLM's op changes no byte (the layout is the op's own)
         layer = _attention_layer(llm, name)

@@ -10,6 +10,7 @@ in a vLLM environment whose transformers is older than the main package's.
     layout.py           how many tokens a prompt keeps and how many whole blocks it frees
     modality.py         per-token modality ids from a request's multimodal placeholder ranges
     batch.py            the worker's view of the running batch (request of each row, evictions)
+    select.py           one request's kept positions per KV head (the project's selection, compiled once)
     cpu_backend.py      the CPU attention backend: scores, compacts, shifts block tables
     scheduler_hook.py   frees the same blocks in the scheduler's KV cache manager
     model_dir.py        a vLLM-ready copy of the shipped tiny VLM

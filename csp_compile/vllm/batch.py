@@ -18,7 +18,7 @@ import torch
 __all__ = ["BatchView", "RECORDER", "view_for"]
 
 # Test hook: each callable in RECORDER is called as recorder(layer_name, req_id, query (L, hq, D), key / value (L, hkv, D), modality (L,),
-# plan, selection, slots) at every compaction (slots: the cache slots written); None records nothing.
+# plan, indices (hkv, kept), slots) at every compaction (slots: the cache slots written).
 RECORDER: list[Callable[..., None]] = []
 
 

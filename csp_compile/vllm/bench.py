@@ -16,7 +16,7 @@ scheduler is read between steps).
 
 ``python -m csp_compile.vllm.bench [--repeats N] [--prompt T]`` measures the prefill overhead alone
 (``run_prefill_profile``: the same interleaved prefill steps, more of them) and where the CSP
-engine's extra time goes: milliseconds per prefill step in ``select_kept`` and in the rest of the
+engine's extra time goes: milliseconds per prefill step in ``kept_indices`` (the selection) and in the rest of the
 plugin's compaction (gathers, cache write), medians over the timed steps.
 """
 
@@ -152,16 +152,16 @@ def _engines(settings: VLLMBenchSettings, model_dir: Path,
 
 @contextlib.contextmanager
 def _timed_compaction() -> Iterator[dict[str, dict[str, float]]]:
-    """{req_id: {"select_kept": s, "compact": s}} summed over the layers, while the context is open
-    (wraps the CSP backend's ``select_kept`` and ``_compact``; restored after)."""
+    """{req_id: {"kept_indices": s, "compact": s}} summed over the layers, while the context is open
+    (wraps the CSP backend's ``kept_indices`` and ``_compact``; restored after)."""
     from csp_compile.vllm import cpu_backend
 
     seconds: dict[str, dict[str, float]] = {}
-    impl, select, compact = cpu_backend.CSPCPUAttentionImpl, cpu_backend.select_kept, cpu_backend.CSPCPUAttentionImpl._compact
+    impl, select, compact = cpu_backend.CSPCPUAttentionImpl, cpu_backend.kept_indices, cpu_backend.CSPCPUAttentionImpl._compact
     current: list[str] = []
 
     def add(name: str, start: float) -> None:
-        entry = seconds.setdefault(current[-1], {"select_kept": 0.0, "compact": 0.0})
+        entry = seconds.setdefault(current[-1], {"kept_indices": 0.0, "compact": 0.0})
         entry[name] += time.perf_counter() - start
 
     def timed_select(*args: Any, **kwargs: Any) -> Any:
@@ -169,7 +169,7 @@ def _timed_compaction() -> Iterator[dict[str, dict[str, float]]]:
         try:
             return select(*args, **kwargs)
         finally:
-            add("select_kept", start)
+            add("kept_indices", start)
 
     def timed_compact(self: Any, layer: Any, batch: Any, compaction: Any, *args: Any) -> None:
         current.append(compaction.req_id)
@@ -180,17 +180,17 @@ def _timed_compaction() -> Iterator[dict[str, dict[str, float]]]:
             add("compact", start)
             current.pop()
 
-    cpu_backend.select_kept, impl._compact = timed_select, timed_compact
+    cpu_backend.kept_indices, impl._compact = timed_select, timed_compact
     try:
         yield seconds
     finally:
-        cpu_backend.select_kept, impl._compact = select, compact
+        cpu_backend.kept_indices, impl._compact = select, compact
 
 
 def run_prefill_profile(settings: VLLMBenchSettings, model_dir: Path) -> dict[str, Any]:
     """``vllm_prefill_overhead_bNN`` alone (``settings.repeats`` interleaved steps, as the bench) and,
-    in ms per CSP prefill step (medians over the timed steps), the time in ``select_kept`` and in the
-    plugin's whole compaction (``select_kept`` included), next to the two engines' step times."""
+    in ms per CSP prefill step (medians over the timed steps), the time in ``kept_indices`` and in the
+    plugin's whole compaction (``kept_indices`` included), next to the two engines' step times."""
     engines, _ = _engines(settings, model_dir)
     try:
         with _timed_compaction() as seconds:
@@ -202,7 +202,7 @@ def run_prefill_profile(settings: VLLMBenchSettings, model_dir: Path) -> dict[st
     tag = settings.tag
     return {f"vllm_prefill_overhead_{tag}": prefill["csp"][1] / prefill["off"][1],
             "vllm_prefill_ms_off": 1e3 * prefill["off"][1], "vllm_prefill_ms_csp": 1e3 * prefill["csp"][1],
-            "vllm_select_kept_ms_per_step": 1e3 * statistics.median(t["select_kept"] for t in timed),
+            "vllm_kept_indices_ms_per_step": 1e3 * statistics.median(t["kept_indices"] for t in timed),
             "vllm_compaction_ms_per_step": 1e3 * statistics.median(t["compact"] for t in timed),
             "vllm_prompt_tokens": settings.prompt, "vllm_repeats": settings.repeats}
 

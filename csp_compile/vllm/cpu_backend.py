@@ -2,8 +2,8 @@
 
 At a step that prefills a whole request from scratch (query length == sequence length), each
 decoder attention layer first runs vLLM's own attention (the prompt attends to all of itself),
-then scores the request's window with ``select_kept`` (the project's reference selection, on the
-step's post-RoPE Q/K) at the budget ``layout.plan_eviction`` rounds to whole blocks, and writes the
+then scores the request's window with ``select.kept_indices`` (``select_kept``'s positions, compiled
+once, on the step's post-RoPE Q/K) at the budget ``layout.plan_eviction`` rounds to whole blocks, and writes the
 kept K/V of every KV head, in ascending original position, into the slots of the prompt's last
 ``kept`` logical positions with vLLM's ``cpu_attn_reshape_and_cache``. The first
 ``freed_blocks`` blocks then hold nothing anyone reads; ``scheduler_hook`` frees them and, at every
@@ -11,7 +11,7 @@ later step, the metadata builder drops them from the row's block table and ``seq
 Positions stay logical: vLLM derives them from ``num_computed_tokens``.
 Which rows are such prefills, their plans, selection configs and modality ids are worked out
 once per step by the metadata builder (``Compaction``); every layer reuses them, so a layer's
-extra work is ``select_kept``, two gathers and the cache write.
+extra work is ``kept_indices``, two gathers and the cache write.
 
 A GPU backend is wrapped the same way: the kept K/V go through that backend's own cache-write op
 (``reshape_and_cache_flash`` for FlashAttention) and the builder shifts its block table and
@@ -35,10 +35,10 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 
 from csp_compile.config import CSPConfig
-from csp_compile.selection import select_kept
 from csp_compile.vllm.batch import RECORDER, BatchView, view_for
 from csp_compile.vllm.layout import EvictionPlan, plan_eviction
 from csp_compile.vllm.modality import modality_ids
+from csp_compile.vllm.select import kept_indices
 from csp_compile.vllm.settings import check_engine
 
 __all__ = ["CSPCPUAttentionBackend", "CSPCPUAttentionImpl", "CSPCPUAttentionMetadata", "CSPCPUMetadataBuilder",
@@ -49,13 +49,11 @@ __all__ = ["CSPCPUAttentionBackend", "CSPCPUAttentionImpl", "CSPCPUAttentionMeta
 class Compaction:
     """One request that this step prefills whole and compacts, worked out once per step by the
     metadata builder (every layer of the step reuses it): its tokens are rows ``start ..
-    start + plan.length - 1`` of the step, ``config`` is the engine's CSPConfig with
-    ``budget=plan.kept``, ``modality`` (L,) its modality ids."""
+    start + plan.length - 1`` of the step, ``modality`` (L,) its modality ids."""
 
     req_id: str
     start: int
     plan: EvictionPlan
-    config: CSPConfig
     modality: torch.Tensor
 
 
@@ -118,7 +116,7 @@ class CSPCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         plan = plan_eviction(length, self.csp, self.block_size)
         if plan.freed_blocks == 0:
             return None
-        return Compaction(req_id=req_id, start=start, plan=plan, config=self.csp.replace(budget=plan.kept),
+        return Compaction(req_id=req_id, start=start, plan=plan,
                           modality=modality_ids(self.batch.request(req_id).mm_features, length))
 
 
@@ -153,9 +151,9 @@ class CSPCPUAttentionImpl(CPUAttentionBackendImpl):
         rows, stop = slice(start, start + plan.length), start + plan.length
         query, key, value = query[rows], key[rows], value[rows]
         slots = slot_mapping[stop - plan.kept:stop]
-        selection = select_kept(query.permute(1, 0, 2)[None], key.permute(1, 0, 2)[None], compaction.modality[None],
-                                compaction.config, scale=self.scale)
-        index = selection.indices[0].t()  # (kept, hkv): each KV head's kept positions, ascending
+        indices = kept_indices(query.permute(1, 0, 2), key.permute(1, 0, 2), compaction.modality, plan.kept,
+                               config=self.csp, scale=self.scale)
+        index = indices.t()  # (kept, hkv): each KV head's kept positions, ascending
         heads = torch.arange(index.shape[1], device=index.device)
         kept_key = key[index, heads].contiguous()  # (kept, hkv, D): the layout of the op's input
         kept_value = value[index, heads].contiguous()
@@ -166,7 +164,7 @@ class CSPCPUAttentionImpl(CPUAttentionBackendImpl):
                                        kv_cache_dtype=self.kv_cache_dtype)
         batch.evicted_tokens[compaction.req_id] = plan.evicted_tokens
         for record in RECORDER:
-            record(layer.layer_name, compaction.req_id, query, key, value, compaction.modality, plan, selection, slots)
+            record(layer.layer_name, compaction.req_id, query, key, value, compaction.modality, plan, indices, slots)
 
 
 class CSPCPUAttentionBackend(CPUAttentionBackend):
