@@ -59,6 +59,21 @@ def test_decode_eviction_example_runs():
     assert compressed < 0.3 * full
 
 
+@pytest.mark.slow
+def test_prefill_profile_example_splits_the_time_per_op():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "profile_prefill.py"), "--length", "256", "--window", "8",
+         "--policies", "csp", "--repeats", "2", "--rows", "40"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert [line.split()[0] for line in lines[:2]] == ["plain", "csp"]
+    rows = {line[:70].strip(): [float(v) for v in line[70:].split()] for line in lines[5:]}
+    assert rows["aten::bmm"][0] == 0.0 < rows["aten::bmm"][1]  # the window scores: CSP's graph only
+    assert rows["aten::mm"][0] > 0 and rows["aten::mm"][1] > 0
+
+
 def test_backend_string_works_without_importing_the_package():
     """The torch_dynamo_backends entry point makes backend="csp" known to a fresh interpreter."""
     code = "import torch, sys; f = torch.compile(lambda x: x + 1, backend='csp'); " \
