@@ -155,7 +155,6 @@ class CSPCPUAttentionImpl(CPUAttentionBackendImpl):
         super().__init__(*args, **kwargs)
         vllm_config = get_current_vllm_config()
         self.csp: CSPConfig | None = check_engine(vllm_config)
-        self.block_size = vllm_config.cache_config.block_size
         if self.attn_type != AttentionType.DECODER or self.kv_sharing_target_layer_name is not None or \
                 self.sliding_window != -1:
             self.csp = None  # only full-attention decoder layers that own their cache are pruned
