@@ -108,15 +108,3 @@ def test_vision_keys_gain_the_vision_model_level_once():
     assert rename_vision_keys(names) == {
         names[0]: "vision_tower.vision_model.embeddings.patch_embedding.weight",
         names[1]: names[1], names[2]: names[2]}
-
-
-def test_a_step_whose_layers_did_not_all_run_fails_the_next_build():
-    """The last layer of a step compacts every layer's K/V; if a step ends before it, the freed blocks
-    would hold uncompacted K/V: the next build refuses, naming how many layers ran."""
-    from csp_compile.vllm.cpu_backend import CSPCPUMetadataBuilder
-
-    builder = object.__new__(CSPCPUMetadataBuilder)  # only the state build() reads first
-    builder.csp, builder.is_encoder_only_attention, builder.is_cross_attention = CSPConfig(), False, False
-    builder.last = types.SimpleNamespace(csp_pending=[object()] * 3, csp_layers=4)
-    with pytest.raises(RuntimeError, match=r"^csp_compile.vllm: 3 of 4 attention layers ran in the last step"):
-        builder.build(0, None)

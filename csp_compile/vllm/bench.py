@@ -151,34 +151,40 @@ def _engines(settings: VLLMBenchSettings, model_dir: Path,
 
 
 @contextlib.contextmanager
-def _timed_compaction() -> Iterator[list[dict[str, float]]]:
-    """[{"kept_indices": s, "compact": s}] per step that compacts, while the context is open (wraps the
-    CSP backend's ``kept_indices`` and ``_compact_step``; restored after)."""
+def _timed_compaction() -> Iterator[dict[str, dict[str, float]]]:
+    """{req_id: {"kept_indices": s, "compact": s}} summed over the layers, while the context is open
+    (wraps the CSP backend's ``kept_indices`` and ``_compact``; restored after)."""
     from csp_compile.vllm import cpu_backend
 
-    steps: list[dict[str, float]] = []
-    impl, select, compact = cpu_backend.CSPCPUAttentionImpl, cpu_backend.kept_indices, cpu_backend.CSPCPUAttentionImpl._compact_step
+    seconds: dict[str, dict[str, float]] = {}
+    impl, select, compact = cpu_backend.CSPCPUAttentionImpl, cpu_backend.kept_indices, cpu_backend.CSPCPUAttentionImpl._compact
+    current: list[str] = []
+
+    def add(name: str, start: float) -> None:
+        entry = seconds.setdefault(current[-1], {"kept_indices": 0.0, "compact": 0.0})
+        entry[name] += time.perf_counter() - start
 
     def timed_select(*args: Any, **kwargs: Any) -> Any:
         start = time.perf_counter()
         try:
             return select(*args, **kwargs)
         finally:
-            steps[-1]["kept_indices"] += time.perf_counter() - start
+            add("kept_indices", start)
 
-    def timed_compact(self: Any, metadata: Any) -> None:
-        steps.append({"kept_indices": 0.0, "compact": 0.0})
+    def timed_compact(self: Any, layer: Any, batch: Any, compaction: Any, *args: Any) -> None:
+        current.append(compaction.req_id)
         start = time.perf_counter()
         try:
-            compact(self, metadata)
+            compact(self, layer, batch, compaction, *args)
         finally:
-            steps[-1]["compact"] += time.perf_counter() - start
+            add("compact", start)
+            current.pop()
 
-    cpu_backend.kept_indices, impl._compact_step = timed_select, timed_compact
+    cpu_backend.kept_indices, impl._compact = timed_select, timed_compact
     try:
-        yield steps
+        yield seconds
     finally:
-        cpu_backend.kept_indices, impl._compact_step = select, compact
+        cpu_backend.kept_indices, impl._compact = select, compact
 
 
 def run_prefill_profile(settings: VLLMBenchSettings, model_dir: Path) -> dict[str, Any]:
@@ -187,12 +193,12 @@ def run_prefill_profile(settings: VLLMBenchSettings, model_dir: Path) -> dict[st
     plugin's whole compaction (``kept_indices`` included), next to the two engines' step times."""
     engines, _ = _engines(settings, model_dir)
     try:
-        with _timed_compaction() as steps:
+        with _timed_compaction() as seconds:
             prefill = _prefill(engines, settings)
     finally:
         engines.clear()
         gc.collect()
-    timed = steps[2:]  # the two warm-up requests are not timed
+    timed = list(seconds.values())[2:]  # the two warm-up requests are not timed
     tag = settings.tag
     return {f"vllm_prefill_overhead_{tag}": prefill["csp"][1] / prefill["off"][1],
             "vllm_prefill_ms_off": 1e3 * prefill["off"][1], "vllm_prefill_ms_csp": 1e3 * prefill["csp"][1],

@@ -1,32 +1,26 @@
 """vLLM's CPU attention backend with CSP: score at the prompt's prefill step, compact, shift tables.
 
 At a step that prefills a whole request from scratch (query length == sequence length), each
-decoder attention layer runs vLLM's own attention (the prompt attends to all of itself) and keeps
-its Q/K/V and cache for the step's last layer, which scores every such request's window in every
-layer with one ``select.kept_indices`` call (``select_kept``'s positions, compiled once, on the
-step's post-RoPE Q/K) at the budget ``layout.plan_eviction`` rounds to whole blocks, and writes the
-kept K/V of every layer and KV head, in ascending original position, into the slots of the
-prompt's last ``kept`` logical positions with vLLM's ``cpu_attn_reshape_and_cache``. No step reads
-the cache before that: the step's attention is done, the next step comes after. The first
+decoder attention layer first runs vLLM's own attention (the prompt attends to all of itself),
+then scores the request's window with ``select.kept_indices`` (``select_kept``'s positions, compiled
+once, on the step's post-RoPE Q/K) at the budget ``layout.plan_eviction`` rounds to whole blocks, and writes the
+kept K/V of every KV head, in ascending original position, into the slots of the prompt's last
+``kept`` logical positions with vLLM's ``cpu_attn_reshape_and_cache``. The first
 ``freed_blocks`` blocks then hold nothing anyone reads; ``scheduler_hook`` frees them and, at every
 later step, the metadata builder drops them from the row's block table and ``seq_lens``.
 Positions stay logical: vLLM derives them from ``num_computed_tokens``.
-Which rows are such prefills, their plans and modality ids are worked out once per step by the
-metadata builder (``Compaction``); if a step's layers do not all run, the next build raises rather
-than leave K/V uncompacted behind freed blocks.
+Which rows are such prefills, their plans, selection configs and modality ids are worked out
+once per step by the metadata builder (``Compaction``); every layer reuses them, so a layer's
+extra work is ``kept_indices``, two gathers and the cache write.
 
 A GPU backend is wrapped the same way: the kept K/V go through that backend's own cache-write op
 (``reshape_and_cache_flash`` for FlashAttention) and the builder shifts its block table and
 ``seq_lens`` before the backend builds its metadata (CUDA-graph buffers are copied into, not replaced).
-Holding a layer's Q/K/V until the last layer relies on them being ordinary tensors: where a CUDA
-graph's memory pool reuses them within the forward, a layer keeps copies of the window rows of Q and
-reads K/V back from its cache instead (or compacts per layer).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import torch
 
@@ -63,29 +57,13 @@ class Compaction:
     modality: torch.Tensor
 
 
-@dataclasses.dataclass(frozen=True)
-class LayerStep:
-    """One layer's part of a step that compacts, held until the step's last layer: its attention
-    layer, the step's post-RoPE query / key / value (tokens, heads, D), its paged cache and slots."""
-
-    layer: Any
-    query: torch.Tensor
-    key: torch.Tensor
-    value: torch.Tensor
-    kv_cache: torch.Tensor
-    slot_mapping: torch.Tensor
-
-
 @dataclasses.dataclass
 class CSPCPUAttentionMetadata(CPUAttentionMetadata):
     """vLLM's CPU metadata plus what the impl needs to compact: the engine's batch view (None when
-    CSP is off), the requests this step compacts, how many layers share this metadata and the
-    layers of this step seen so far (the last one compacts them all)."""
+    CSP is off) and the requests this step compacts."""
 
     csp_batch: BatchView | None = None
     csp_compactions: tuple[Compaction, ...] = ()
-    csp_layers: int = 0
-    csp_pending: list[LayerStep] = dataclasses.field(default_factory=list)
 
 
 def shift_rows(common: CommonAttentionMetadata, offsets: torch.Tensor, block_size: int) -> CommonAttentionMetadata:
@@ -112,15 +90,11 @@ class CSPCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         if self.window_size != -1:
             self.csp = None  # sliding-window layers are not compacted (the impl leaves them alone too)
         self.batch = view_for(vllm_config)
-        self.last: CSPCPUAttentionMetadata | None = None
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> CPUAttentionMetadata:
         if self.csp is None or self.is_encoder_only_attention or self.is_cross_attention:
             return super().build(common_prefix_len, common_attn_metadata, fast_build)
-        if self.last is not None and self.last.csp_pending:
-            raise RuntimeError(f"csp_compile.vllm: {len(self.last.csp_pending)} of {self.last.csp_layers} attention "
-                               "layers ran in the last step that compacted; its K/V were never compacted")
         common = common_attn_metadata
         rows = common.num_reqs
         starts = common.query_start_loc_cpu[: rows + 1].tolist()
@@ -134,10 +108,8 @@ class CSPCPUMetadataBuilder(CPUAttentionMetadataBuilder):
             common = shift_rows(common, offsets, self.block_size)
         built = super().build(common_prefix_len, common, fast_build)
         fields = {f.name: getattr(built, f.name) for f in dataclasses.fields(CPUAttentionMetadata)}
-        self.last = CSPCPUAttentionMetadata(**fields, csp_batch=self.batch,
-                                            csp_compactions=tuple(c for c in compactions if c is not None),
-                                            csp_layers=len(self.layer_names))
-        return self.last
+        return CSPCPUAttentionMetadata(**fields, csp_batch=self.batch,
+                                       csp_compactions=tuple(c for c in compactions if c is not None))
 
     def _compaction(self, req_id: str, start: int, length: int) -> Compaction | None:
         """What the layers do with a request prefilled whole in this step (None: nothing to free)."""
@@ -163,44 +135,27 @@ class CSPCPUAttentionImpl(CPUAttentionBackendImpl):
                 output_scale=None, output_block_scale=None) -> torch.Tensor:  # noqa: ANN001
         output = super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
                                  output_scale, output_block_scale)
-        if self.csp is None or not isinstance(attn_metadata, CSPCPUAttentionMetadata) or \
-                not attn_metadata.csp_compactions:  # decode-only steps
+        if self.csp is None or not isinstance(attn_metadata, CSPCPUAttentionMetadata):
             return output
-        pending = attn_metadata.csp_pending
-        pending.append(LayerStep(layer, query, key, value, kv_cache, attn_metadata.slot_mapping))
-        if len(pending) == attn_metadata.csp_layers:
-            self._compact_step(attn_metadata)
-            pending.clear()
+        for compaction in attn_metadata.csp_compactions:  # empty at decode-only steps
+            self._compact(layer, attn_metadata.csp_batch, compaction, query, key, value, kv_cache,
+                          attn_metadata.slot_mapping)
         return output
 
-    def _compact_step(self, metadata: CSPCPUAttentionMetadata) -> None:
-        """Select each compacted request's ``plan.kept`` tokens per layer and KV head (one
-        ``kept_indices`` call per request, all layers at once) and write them, layer by layer,
-        into the slots of its last ``kept`` positions. Runs after the step's last attention layer:
-        the K/V are rewritten before any later step reads them."""
-        selections = []
-        for compaction in metadata.csp_compactions:
-            rows = slice(compaction.start, compaction.start + compaction.plan.length)
-            selections.append(kept_indices([step.query[rows].permute(1, 0, 2) for step in metadata.csp_pending],
-                                           [step.key[rows].permute(1, 0, 2) for step in metadata.csp_pending],
-                                           compaction.modality, compaction.plan.kept, config=self.csp,
-                                           scale=self.scale))
-        for number, step in enumerate(metadata.csp_pending):
-            for compaction, indices in zip(metadata.csp_compactions, selections):
-                self._write_kept(step, metadata.csp_batch, compaction, indices[number])
-
-    def _write_kept(self, step: LayerStep, batch: BatchView, compaction: Compaction, indices: torch.Tensor) -> None:
-        """Write one layer's kept K/V of one request (``indices`` (hkv, kept), ascending per KV head)
-        into the slots of its last ``kept`` positions, with vLLM's own cache-write op."""
+    def _compact(self, layer, batch: BatchView, compaction: Compaction, query: torch.Tensor,  # noqa: ANN001
+                 key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """Select ``plan.kept`` tokens per KV head of one request (rows of the step's ``query``,
+        ``key``, ``value``) and write them into the slots of its last ``kept`` positions."""
         plan, start = compaction.plan, compaction.start
         rows, stop = slice(start, start + plan.length), start + plan.length
-        query, key, value = step.query[rows], step.key[rows], step.value[rows]
-        slots = step.slot_mapping[stop - plan.kept:stop]
-        index = indices.t()  # (kept, hkv)
+        query, key, value = query[rows], key[rows], value[rows]
+        slots = slot_mapping[stop - plan.kept:stop]
+        indices = kept_indices(query.permute(1, 0, 2), key.permute(1, 0, 2), compaction.modality, plan.kept,
+                               config=self.csp, scale=self.scale)
+        index = indices.t()  # (kept, hkv): each KV head's kept positions, ascending
         heads = torch.arange(index.shape[1], device=index.device)
         kept_key = key[index, heads].contiguous()  # (kept, hkv, D): the layout of the op's input
         kept_value = value[index, heads].contiguous()
-        layer, kv_cache = step.layer, step.kv_cache
         num_blocks, num_kv_heads, block_size, _ = kv_cache.size()
         key_cache, value_cache = kv_cache.view((num_blocks, num_kv_heads, block_size * 2, -1)).chunk(2, dim=2)
         ops.cpu_attn_reshape_and_cache(kept_key, kept_value, key_cache, value_cache, slots,
