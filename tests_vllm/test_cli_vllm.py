@@ -38,3 +38,5 @@ def test_bench_figures_show_the_memory_gain(model_dir):
     assert result["vllm_blocks_per_request_off"] == 16  # 512 tokens in blocks of 32
     assert result["vllm_blocks_per_request_ratio_b20"] <= 0.25
     assert result["vllm_max_concurrent_off"] == 2 < result["vllm_max_concurrent_csp"]
+    assert result["vllm_max_concurrent_off_ample_memory"] == 8  # room for every request
+    assert result["vllm_throughput_ratio_ample_memory"] > 0 and result["vllm_throughput_ratio_b20_vs_ample_memory"] > 0

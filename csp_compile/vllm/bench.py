@@ -10,6 +10,9 @@ prompts (an image and ``prompt`` tokens in all). Figures (``bNN`` = budget in pe
 - ``vllm_throughput_ratio_bNN``: output tokens per second on that workload.
 - ``vllm_prefill_overhead_bNN``: wall time of one request's prefill step (median of ``repeats``,
   the two engines interleaved).
+- ``vllm_throughput_ratio_ample_memory``: the most KV memory can buy: plain vLLM with room for all
+  ``requests`` at once, against plain vLLM in the fixed memory (same workload); and
+  ``vllm_throughput_ratio_bNN_vs_ample_memory``: CSP in the fixed memory against that engine.
 
 Each as CSP / off, with the raw values beside them. The engine core runs in this process (the
 scheduler is read between steps).
@@ -131,22 +134,31 @@ def _workload(llm: Any, settings: VLLMBenchSettings) -> tuple[int, float]:
     return most, produced / (time.perf_counter() - start)
 
 
-def _engines(settings: VLLMBenchSettings, model_dir: Path,
-             progress: Callable[[str], None] | None = None) -> tuple[dict[str, Any], int]:
-    """({"off": engine, "csp": engine}, their KV memory in bytes), both with room for ``full_capacity``
-    full-cache requests."""
+def _memory_for(requests: int, settings: VLLMBenchSettings, model_dir: Path) -> int:
+    """KV cache bytes that hold ``requests`` full-cache requests (+1 block: vLLM's null block)."""
+    full_blocks = math.ceil((settings.prompt + settings.new_tokens) / BLOCK_SIZE)
+    return (requests * full_blocks + 1) * _block_bytes(model_dir)
+
+
+def _engine(model_dir: Path, config: CSPConfig | None, settings: VLLMBenchSettings, memory: int) -> Any:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     max_len = settings.prompt + settings.new_tokens
     if max_len > 1024:
         os.environ.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")  # the tiny VLM was trained to 1024 positions
-    full_blocks = math.ceil(max_len / BLOCK_SIZE)
-    memory = (settings.full_capacity * full_blocks + 1) * _block_bytes(model_dir)  # +1: vLLM's null block
+    return make_llm(model_dir, config, max_model_len=max_len, kv_cache_memory_bytes=memory, max_num_seqs=256)
+
+
+def _engines(settings: VLLMBenchSettings, model_dir: Path,
+             progress: Callable[[str], None] | None = None) -> tuple[dict[str, Any], int]:
+    """({"off": engine, "csp": engine}, their KV memory in bytes), both with room for ``full_capacity``
+    full-cache requests."""
+    memory = _memory_for(settings.full_capacity, settings, model_dir)
     config = CSPConfig(budget=settings.budget, window=settings.window)
     engines = {}
     for name, csp in (("off", None), ("csp", config)):
         if progress:
             progress(f"engine {name}")
-        engines[name] = make_llm(model_dir, csp, max_model_len=max_len, kv_cache_memory_bytes=memory, max_num_seqs=256)
+        engines[name] = _engine(model_dir, csp, settings, memory)
     return engines, memory
 
 
@@ -223,12 +235,26 @@ def run_vllm_bench(settings: VLLMBenchSettings, model_dir: Path,
     finally:
         engines.clear()
         gc.collect()
-    tag, off, csp_ = settings.tag, raw["off"], raw["csp"]
+    if progress:
+        progress("engine off, memory for every request")
+    ample = _engine(model_dir, None, settings, _memory_for(settings.requests, settings, model_dir))
+    try:
+        _prefill_step(ample, settings, "warm-up", 999)
+        if progress:
+            progress("workload off, memory for every request")
+        concurrent, tokens_per_s = _workload(ample, settings)
+        raw["off_ample_memory"] = {"max_concurrent": concurrent, "tokens_per_s": tokens_per_s}
+    finally:
+        del ample
+        gc.collect()
+    tag, off, csp_, ample_off = settings.tag, raw["off"], raw["csp"], raw["off_ample_memory"]
     result: dict[str, Any] = {
         f"vllm_blocks_per_request_ratio_{tag}": csp_["blocks_per_request"] / off["blocks_per_request"],
         f"vllm_max_concurrent_ratio_{tag}": csp_["max_concurrent"] / off["max_concurrent"],
         f"vllm_throughput_ratio_{tag}": csp_["tokens_per_s"] / off["tokens_per_s"],
         f"vllm_prefill_overhead_{tag}": csp_["prefill_s"] / off["prefill_s"],
+        "vllm_throughput_ratio_ample_memory": ample_off["tokens_per_s"] / off["tokens_per_s"],
+        f"vllm_throughput_ratio_{tag}_vs_ample_memory": csp_["tokens_per_s"] / ample_off["tokens_per_s"],
     }
     for name, values in raw.items():
         result.update({f"vllm_{key}_{name}": value for key, value in values.items()})

@@ -47,7 +47,7 @@ def run_bench(model: Path | None, overrides: dict[str, Any]) -> dict[str, Any]:
 
     settings = VLLMBenchSettings(**{k: v for k, v in overrides.items() if v is not None})
     model_dir, _ = _model_dir(model)
-    with progress_bar(4, "bench (vllm)") as bar:
+    with progress_bar(6, "bench (vllm)") as bar:
         return run_vllm_bench(settings, model_dir, progress=lambda label: (bar.set_postfix_str(label), bar.update()))
 
 
