@@ -31,7 +31,7 @@ def quick_run(tmp_path_factory):
     proc = subprocess.run(
         [sys.executable, "-m", "csp_compile", "bench", "--quick", "--threads", "1", "--device", "cpu", "--layers", "1",
          "--prompt", "192", "--long-prompt", "256", "--chunk-prompt", "512", "--prefill-chunk", "64", "--repeats", "2",
-         "--new-tokens", "4", "--json", str(out)],
+         "--overhead-processes", "2", "--new-tokens", "4", "--json", str(out)],
         capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -56,6 +56,11 @@ def test_quick_bench_writes_every_figure(quick_run):
     assert set(result["prefill_noise_cases"]) == {f"{case}/{length}" for case in ("text", "image", "padded")
                                                   for length in (192, 256)}
     assert result["prefill_noise_worst"] == max(abs(x - 1) for x in result["prefill_noise_cases"].values())
+    # the rounds ran in two processes: a ratio per process and case, the figure pooled over both
+    assert set(result["prefill_overhead_by_process"]) == set(result["prefill_overhead_cases"])
+    assert all(len(v) == 2 for v in result["prefill_overhead_by_process"].values())
+    assert all(len(v) == 2 for v in result["prefill_noise_by_process"].values())
+    assert result["overhead_processes"] == 2 and result["prefill_repeats"] == 2
     assert result["prompt_tokens"] == 192 and result["long_prompt_tokens"] == 256
     assert result["num_hidden_layers"] == 1 and result["threads"] == 1 and result["device"] == "cpu"
     assert 0.2 <= result["image_token_share"] <= 0.35
@@ -88,6 +93,7 @@ def test_quick_bench_prints_the_table(quick_run):
     (["--budget", "0"], "--budget"),
     (["--device", "tpu"], "--device"),
     (["--threads", "0"], "--threads"),
+    (["--overhead-processes", "0"], "--overhead-processes"),
     (["--prompt", "16"], "prompt"),
     (["--dtype", "float8"], "--dtype"),
     (["--prefill-chunk", "0"], "--prefill-chunk"),

@@ -1,9 +1,10 @@
-"""``csp-compile bench``: the cost and the gain of CSP, measured as ratios in one process.
+"""``csp-compile bench``: the cost and the gain of CSP, measured as ratios within one run.
 
 One file per job: ``model`` (the bench Llava and its prompts), ``scoring`` (naive / reference /
-fused scoring of one layer), ``prefill`` (compiled prefill timing, KV bytes), ``decode`` (per-token
-decode time, recompiles), ``memory`` (peak prefill memory), ``report`` (targets, table), and
-``runner`` (the order of the measurements).
+fused scoring of one layer), ``prefill`` (compiled prefill timing, KV bytes), ``overhead`` (the
+prefill-overhead cases, timed in fresh processes), ``decode`` (per-token decode time, recompiles),
+``memory`` (peak prefill memory), ``report`` (targets, table), and ``runner`` (the order of the
+measurements).
 """
 
 from csp_compile.bench.model import BENCH_SHAPE, QUICK_SHAPE, ModelShape

@@ -12,8 +12,8 @@ FIGURES: dict[str, str] = {
     "prefill_overhead_ratio":
         "prefill time, Llava with csp_compile.optimize (budget {budget}) / the same Llava compiled plainly with the "
         "same attention op and causal shortcut; the worst of CSP and SnapKV x ({cases}) x ({prompt}, {long_prompt} "
-        "tokens), here {worst}; each the median over {repeats} rounds (after warm-up) of the ratio within a round, "
-        "the variants in rotating order and sharing one copy of the weights",
+        "tokens), here {worst}; each the median of the ratio within a round over {repeats} rounds (after warm-up) in "
+        "each of {processes} fresh processes, the variants in rotating order and sharing one copy of the weights",
     "naive_scoring_speedup":
         "one layer's CSP self/cross scores, {prompt} tokens: authors' way (full L x L n-softmax in eager, then the "
         "window rows) / fused scoring ({fused_impl})",

@@ -1,10 +1,11 @@
 """``run_bench``: every measurement of ``csp-compile bench`` in one process, as one flat dict.
 
-Copies of the bench Llava with identical random weights: one with its language model compiled as
-the plain baseline (``baseline``: Inductor, the same attention op and causal shortcut, nothing
-evicted), one under ``csp_compile.optimize`` with CSP and, for the prefill overhead, one with
-SnapKV and, for decode speed, one with CSP on adaptive budgets (PyramidKV layers, AdaKV heads). Timings take turns between the variants, so load from other jobs on a shared machine hits
-them alike; every figure is a ratio of two measurements made here.
+The prefill overhead first, in fresh processes of its own (``overhead``). Then copies of the
+bench Llava with identical random weights: one with its language model compiled as the plain
+baseline (``baseline``: Inductor, the same attention op and causal shortcut, nothing evicted), one
+under ``csp_compile.optimize`` with CSP and, for decode speed, one with CSP on adaptive budgets
+(PyramidKV layers, AdaKV heads). Timings take turns between the variants, so load from other jobs
+on a shared machine hits them alike; every figure is a ratio of two measurements made in one run.
 """
 
 from __future__ import annotations
@@ -18,14 +19,11 @@ from typing import Any, Callable, Iterator
 import torch
 
 import csp_compile
-from csp_compile.bench import baseline, decode, memory, model as bench_model, prefill, report, scoring
+from csp_compile.bench import baseline, decode, memory, model as bench_model, overhead, prefill, report, scoring
 from csp_compile.config import CSPConfig
 
-__all__ = ["BenchSettings", "OVERHEAD_CASES", "run_bench"]
+__all__ = ["BenchSettings", "run_bench"]
 
-# prefill overhead prompts: text only (causal mask), image_share image tokens, a left-padded batch of 2
-OVERHEAD_CASES = ("text", "image", "padded")
-PREFILL_VARIANTS = ("plain", "csp", "snapkv", "plain_copy")  # plain_copy: the A/A control (a second plain model)
 ADAPTIVE = {"layer_budget": "pyramid", "head_budget": "adaptive"}  # the decode-speed check of adaptive budgets
 
 
@@ -39,7 +37,8 @@ class BenchSettings:
     image_share: float = 0.3
     budget: float = 0.2
     window: int = 32
-    prefill_repeats: int = 6  # rounds of the 4 variants (rotating order)
+    prefill_repeats: int = 2  # rounds of the 4 variants (rotating order) in each overhead process
+    overhead_processes: int = 3  # fresh processes the prefill-overhead rounds are spread over
     scoring_repeats: int = 9
     new_tokens: int = 16
     decode_rounds: int = 2
@@ -62,7 +61,7 @@ class BenchSettings:
             if getattr(self, name) < 4 * self.window:
                 raise ValueError(f"{name.replace('_', '-')}={getattr(self, name)}: allowed >= {4 * self.window} "
                                  f"tokens (4 x window)")
-        for name in ("prefill_repeats", "scoring_repeats", "decode_rounds"):
+        for name in ("prefill_repeats", "overhead_processes", "scoring_repeats", "decode_rounds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')}={getattr(self, name)}: allowed >= 1")
         if self.new_tokens < decode.SKIPPED_STEPS + 2:
@@ -74,13 +73,6 @@ class BenchSettings:
 Step = tuple[str, Callable[[], None]]
 
 
-def _overhead_inputs(model: Any, case: str, length: int, s: BenchSettings) -> dict[str, torch.Tensor]:
-    if case == "padded":
-        return bench_model.padded_pair(model, length, image_share=s.image_share, device=s.device)
-    share = 0.0 if case == "text" else s.image_share
-    return bench_model.bench_inputs(model, length, image_share=share, device=s.device)
-
-
 def _steps(s: BenchSettings, r: dict[str, Any], state: dict[str, Any]) -> Iterator[Step]:
     """The measurements in order; each fills ``r`` (the result) and ``state`` (objects between steps)."""
     config = CSPConfig(budget=s.budget, window=s.window)
@@ -89,19 +81,23 @@ def _steps(s: BenchSettings, r: dict[str, Any], state: dict[str, Any]) -> Iterat
         """Another bench model with ``source``'s weight tensors (timings cannot differ by weight placement)."""
         return bench_model.share_weights(bench_model.build_bench_model(s.shape, device=s.device, dtype=s.dtype), source)
 
+    per_process: list[overhead.Rounds] = state.setdefault("overhead_rounds", [])
+    for index in range(s.overhead_processes):
+        def time_overhead() -> None:
+            per_process.append(overhead.time_in_fresh_process(s))
+        yield (f"prefill overhead, process {index + 1}/{s.overhead_processes}: {len(overhead.CASES)} cases x 2 lengths "
+               f"x {s.prefill_repeats} rounds of {len(overhead.VARIANTS)} prefills"), time_overhead
+
     def build() -> None:
         first = bench_model.build_bench_model(s.shape, device=s.device, dtype=s.dtype)
-        models = [first] + [sharing(first) for _ in range(3)]
-        state["plain"], state["csp"], state["snapkv"], state["adaptive"] = models
-        state["plain_copy"] = sharing(first)
+        models = [first] + [sharing(first) for _ in range(2)]
+        state["plain"], state["csp"], state["adaptive"] = models
         baseline.compile_plain(models[0])
-        baseline.compile_plain(state["plain_copy"])
         csp_compile.optimize(models[1], config)
-        csp_compile.optimize(models[2], config.replace(policy="snapkv"))
-        csp_compile.optimize(models[3], config.replace(**ADAPTIVE))
+        csp_compile.optimize(models[2], config.replace(**ADAPTIVE))
         state["short"] = bench_model.bench_inputs(models[0], s.prompt, image_share=s.image_share, device=s.device)
         state["long"] = bench_model.bench_inputs(models[0], s.long_prompt, image_share=s.image_share, device=s.device)
-    yield "build the bench models (plain, CSP, SnapKV, CSP with adaptive budgets)", build
+    yield "build the bench models (plain, CSP, CSP with adaptive budgets)", build
 
     def score() -> None:
         m = state["plain"]
@@ -117,37 +113,6 @@ def _steps(s: BenchSettings, r: dict[str, Any], state: dict[str, Any]) -> Iterat
             naive_scoring_max_abs_diff=res.naive_max_abs_diff, fused_scoring_max_abs_diff=res.fused_max_abs_diff,
         )
     yield f"scoring: naive / reference / fused, {s.prompt} tokens", score
-
-    prefill_ms: dict[str, float] = state.setdefault("prefill_ms", {})  # "variant/case/length" -> median ms
-    round_ratios: dict[str, float] = state.setdefault("round_ratios", {})  # "variant/case/length" -> median ratio
-    for length in (s.prompt, s.long_prompt):
-        for case in OVERHEAD_CASES:
-            def time_case(case: str = case, length: int = length) -> None:
-                inputs = _overhead_inputs(state["plain"], case, length, s)
-                for name in PREFILL_VARIANTS:  # warm-up: a new shape may compile
-                    for _ in range(2):
-                        prefill.prefill(state[name], inputs)
-                times: dict[str, list[float]] = {name: [] for name in PREFILL_VARIANTS}
-                for repeat in range(s.prefill_repeats):  # each variant takes each place in the order in turn
-                    shift = repeat % len(PREFILL_VARIANTS)
-                    for name in PREFILL_VARIANTS[shift:] + PREFILL_VARIANTS[:shift]:
-                        times[name] += prefill.time_prefill(state[name], inputs, repeats=1, warmup=0)[1]
-                for name, values in times.items():
-                    prefill_ms[f"{name}/{case}/{length}"] = statistics.median(values) * 1e3
-                    round_ratios[f"{name}/{case}/{length}"] = statistics.median(
-                        mine / plain for mine, plain in zip(values, times["plain"]))  # per round: drift cancels
-            yield (f"prefill overhead: {case} prompt, {length} tokens ({s.prefill_repeats} x "
-                   f"{len(PREFILL_VARIANTS)} prefills after warm-up)"), time_case
-
-    def overhead_figures() -> None:
-        state.pop("snapkv")
-        state.pop("plain_copy")
-        ratios = {key: ratio for key, ratio in round_ratios.items() if key.split("/", 1)[0] in ("csp", "snapkv")}
-        noise = {key.split("/", 1)[1]: ratio for key, ratio in round_ratios.items() if key.startswith("plain_copy/")}
-        worst = max(ratios, key=ratios.get)
-        r.update(prefill_overhead_ratio=ratios[worst], prefill_overhead_worst_case=worst,
-                 prefill_overhead_cases=ratios, prefill_ms=dict(prefill_ms), prefill_noise_cases=noise,
-                 prefill_noise_worst=max(abs(x - 1) for x in noise.values()))
 
     decodes: dict[str, list[decode.DecodeResult]] = {"plain": [], "csp": [], "adaptive": []}
     for round_ in range(s.decode_rounds):
@@ -173,7 +138,6 @@ def _steps(s: BenchSettings, r: dict[str, Any], state: dict[str, Any]) -> Iterat
         def measure(name: str = name) -> None:
             if name == "plain":
                 decode_figures()
-                overhead_figures()
             prefill.prefill(state[name], state["long"])  # warm-up: this call signature may compile
             peak, output = memory.peak_prefill_bytes(state[name], state["long"])
             peaks[name] = (peak, prefill.cache_bytes(output.past_key_values))
@@ -220,6 +184,7 @@ def run_bench(settings: BenchSettings, progress: Callable[[str], Any] | None = N
 
     plain_model, csp_model = state["chunked"], state["csp"]  # same shape and weights as the plain model
     peaks, chunked_peaks = state["peaks"], state["chunked_peaks"]
+    r.update(overhead.overhead_figures(state["overhead_rounds"]))
     kv_full, kv_csp = peaks["plain"][1], peaks["csp"][1]
     weights = bench_model.decode_weight_bytes(plain_model)
     text = plain_model.config.get_text_config()
@@ -248,7 +213,8 @@ def run_bench(settings: BenchSettings, progress: Callable[[str], Any] | None = N
         prompt_tokens=int(state["short"]["input_ids"].shape[1]),
         long_prompt_tokens=int(state["long"]["input_ids"].shape[1]),
         image_token_share=image_share, budget=s.budget, window=s.window, cross_ratio=str(CSPConfig().cross_ratio),
-        new_tokens=s.new_tokens, prefill_repeats=s.prefill_repeats, scoring_repeats=s.scoring_repeats,
+        new_tokens=s.new_tokens, prefill_repeats=s.prefill_repeats, overhead_processes=s.overhead_processes,
+        scoring_repeats=s.scoring_repeats,
         decode_rounds=s.decode_rounds, quick=s.quick,
         dtype=str(s.dtype).removeprefix("torch."), device=device.type,
         device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor()
@@ -260,8 +226,9 @@ def run_bench(settings: BenchSettings, progress: Callable[[str], Any] | None = N
         **s.extra,
     )
     context = dict(budget=s.budget, prompt=r["prompt_tokens"], long_prompt=r["long_prompt_tokens"],
-                   cases=", ".join(OVERHEAD_CASES), worst=r["prefill_overhead_worst_case"],
-                   repeats=s.prefill_repeats, fused_impl=r["fused_scoring_impl"], memory_method=r["memory_method"],
+                   cases=", ".join(overhead.CASES), worst=r["prefill_overhead_worst_case"],
+                   repeats=s.prefill_repeats, processes=s.overhead_processes, fused_impl=r["fused_scoring_impl"],
+                   memory_method=r["memory_method"],
                    decode_steps=r["decode_steps_timed"] * s.decode_rounds, skipped=decode.SKIPPED_STEPS,
                    chunk_prompt=r["chunk_prompt_tokens"], prefill_chunk=s.prefill_chunk)
     r["what"] = report.what(context)

@@ -20,8 +20,8 @@ HELP = "benchmark CSP: prefill overhead, scoring speed, peak memory, decode spee
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # --quick: smaller model, shorter prompts, fewer repeats (a few minutes on 2 cores at most)
-_QUICK = dict(prompt=512, long_prompt=1024, chunk_prompt=2048, prefill_chunk=256, prefill_repeats=3, scoring_repeats=5,
-              new_tokens=6, decode_rounds=1)
+_QUICK = dict(prompt=512, long_prompt=1024, chunk_prompt=2048, prefill_chunk=256, overhead_processes=1,
+              scoring_repeats=5, new_tokens=6, decode_rounds=1)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,7 +42,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill-chunk", type=int, metavar="TOKENS",
                         help="chunk size of the chunked prefill (default 2048; --quick 256)")
     parser.add_argument("--layers", type=int, metavar="N", help="language-model layers (default 4; --quick 2)")
-    parser.add_argument("--repeats", type=int, metavar="N", help="timed prefills per variant (default 6; --quick 3)")
+    parser.add_argument("--repeats", type=int, metavar="N",
+                        help="prefill-overhead rounds per process, one timed prefill per variant each (default 2; "
+                             "--engine vllm: timed prefill steps, default 3)")
+    parser.add_argument("--overhead-processes", type=int, metavar="N",
+                        help="fresh processes the prefill-overhead rounds run in (default 3; --quick 1)")
     parser.add_argument("--new-tokens", type=int, metavar="N",
                         help="tokens generated per decode run, the first 2 untimed (default 16; --quick 6)")
     parser.add_argument("--engine", choices=("transformers", "vllm"), default="transformers",
@@ -69,7 +73,8 @@ def _settings(args: argparse.Namespace):
         raise CLIError(f"--budget {args.budget}: allowed a fraction in (0, 1)")
     if args.dtype not in _DTYPES:
         raise CLIError(f"--dtype {args.dtype!r}: allowed {', '.join(_DTYPES)}")
-    for flag in ("threads", "prompt", "long_prompt", "chunk_prompt", "prefill_chunk", "layers", "repeats", "new_tokens"):
+    for flag in ("threads", "prompt", "long_prompt", "chunk_prompt", "prefill_chunk", "layers", "repeats",
+                 "overhead_processes", "new_tokens"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise CLIError(f"--{flag.replace('_', '-')} {value}: allowed a positive integer")
@@ -81,6 +86,7 @@ def _settings(args: argparse.Namespace):
     if args.layers is not None:
         shape = shape.replace(num_hidden_layers=args.layers)
     overrides = {"prompt": args.prompt, "long_prompt": args.long_prompt, "prefill_repeats": args.repeats,
+                 "overhead_processes": args.overhead_processes,
                  "new_tokens": args.new_tokens, "chunk_prompt": args.chunk_prompt, "prefill_chunk": args.prefill_chunk}
     base.update({k: v for k, v in overrides.items() if v is not None})
     if args.quick and args.prompt is not None and args.long_prompt is None:
