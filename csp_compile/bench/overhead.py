@@ -51,7 +51,8 @@ def _inputs(model: Any, case: str, length: int, image_share: float, device: str)
 def time_rounds(settings: BenchSettings) -> Rounds:
     """Build, compile and time the variants in this process: ``settings.prefill_repeats`` rounds per
     case after two warm-up prefills (the first compiles), each variant taking each place in the
-    round order in turn (so drifting machine speed hits all alike)."""
+    round order in turn (so drifting machine speed hits all alike). Every case runs a dynamic-shape
+    graph (a first prefill at half the prompt length comes before them)."""
     import csp_compile
     from csp_compile.bench import baseline, model as bench_model, prefill
     from csp_compile.config import CSPConfig
@@ -69,6 +70,12 @@ def time_rounds(settings: BenchSettings) -> Rounds:
     csp_compile.optimize(models["snapkv"], config.replace(policy="snapkv"))
 
     rounds: Rounds = {}
+    # A first prefill at another length: every case then runs the dynamic-shape graph Dynamo compiles
+    # on the second length it sees (what generate runs once prompts differ), not the first case a
+    # static graph of its own and the rest a dynamic one.
+    other = _inputs(first, "text", max(s.prompt // 2, 4 * s.window), s.image_share, s.device)
+    for name in VARIANTS:
+        prefill.prefill(models[name], other)
     for length in (s.prompt, s.long_prompt):
         for case in CASES:
             inputs = _inputs(first, case, length, s.image_share, s.device)
