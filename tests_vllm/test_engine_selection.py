@@ -8,14 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from vllm import SamplingParams
-from vllm import _custom_ops as ops
 
 from csp_compile.config import CSPConfig
 from csp_compile.data import IMAGE_TOKENS, VOCAB, make_dataset
 from csp_compile.scoring import resolve_budget
-from csp_compile.selection import select_kept
 from csp_compile.vllm import batch
 from csp_compile.vllm.engine import BLOCK_SIZE, greedy, held_blocks, task_prompt
+from kept_cache import assert_kept_equal_select_kept
 
 CONFIG = CSPConfig(budget=0.2, window=8)
 
@@ -45,11 +44,6 @@ def test_full_budget_gives_plain_vllm_tokens(engine, plain_llm, test_split, reco
     assert records == []  # nothing compacted
 
 
-def _attention_layer(llm, name):
-    runner = batch.view_for(llm.llm_engine.vllm_config).runner
-    return runner.compilation_config.static_forward_context[name]
-
-
 def _prefill_and_record(llm, prompts, records):
     """Greedy one token of every prompt in one ``generate`` call (prefill only: nothing overwrites the
     cache after); {req_id: the request's prompt token ids as vLLM expanded them}."""
@@ -67,28 +61,15 @@ def _check_records_against_select_kept(llm, records, prompt_ids):
     request's own expanded prompt, its kept count is DESIGN §2's B rounded up to the block
     congruence, its selection equals ``select_kept`` on that request's own Q/K, and the cache
     blocks hold each KV head's kept K/V in ascending position from the first kept slot."""
-    for name, req_id, query, key, value, modality, plan, indices, slots in records:
+    for record in records:
+        name, req_id, query, key, value, modality, plan, indices, slots = record
         ids = prompt_ids[req_id]
         # modality from the token ids, independently of the placeholder ranges the plugin used
         assert torch.equal(modality, (ids == VOCAB.image).long())
         wanted, _ = resolve_budget(plan.length, CONFIG)
         assert plan.length == len(ids) and (plan.length - plan.kept) % BLOCK_SIZE == 0
         assert wanted <= plan.kept < wanted + BLOCK_SIZE
-        oracle = select_kept(query.permute(1, 0, 2)[None], key.permute(1, 0, 2)[None],
-                             modality[None], CONFIG.replace(budget=plan.kept), scale=1 / math.sqrt(key.shape[-1]))
-        assert torch.equal(indices, oracle.indices[0]), name
-        # the cache's blocks now hold each KV head's kept K/V in ascending position from the first kept slot:
-        # writing the oracle's gather there again with vLLM's op changes no byte (the layout is the op's own)
-        layer = _attention_layer(llm, name)
-        cache = layer.kv_cache[0] if isinstance(layer.kv_cache, (list, tuple)) else layer.kv_cache
-        block_ids = torch.unique(slots // cache.shape[2])
-        index = oracle.indices[0][..., None].expand(-1, -1, key.shape[-1])
-        expected = cache.clone()
-        k_view, v_view = expected.view(cache.shape[0], cache.shape[1], 2 * cache.shape[2], -1).chunk(2, dim=2)
-        ops.cpu_attn_reshape_and_cache(key.permute(1, 0, 2).gather(1, index).permute(1, 0, 2).contiguous(),
-                                       value.permute(1, 0, 2).gather(1, index).permute(1, 0, 2).contiguous(),
-                                       k_view, v_view, slots, layer.isa, k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
-        assert torch.equal(cache[block_ids], expected[block_ids]), name
+        assert_kept_equal_select_kept(llm, record, CONFIG)
 
 
 def test_kept_positions_per_layer_and_kv_head_equal_select_kept(csp_llm, records):

@@ -1,0 +1,205 @@
+"""CSP in vLLM on a model whose image-token count follows the image size and that uses M-RoPE.
+
+A tiny random-weight Qwen2-VL (``tiny_qwen2_vl``: 2 layers, 4 query heads over 2
+KV heads of dim 32, M-RoPE; one image token per 4 x 4 pixels after Qwen2-VL's ``smart_resize``
+into 64 .. 1024 pixels) served by three in-process engines: plain vLLM, CSP at budget 0.2 and CSP
+at budget 1.0. One batch carries four images of different sizes (6 to 64 tokens each) at
+different offsets; every request is compacted (1 or 2 of its blocks freed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from csp_compile.config import CSPConfig
+from csp_compile.scoring import resolve_budget
+from csp_compile.tiny_vlms import BOS, FIRST_TEXT_ID, RESERVED_TOP
+from csp_compile.vllm import batch
+from csp_compile.vllm.engine import BLOCK_SIZE, greedy, make_llm
+from csp_compile.vllm.modality import modality_ids
+from tiny_qwen2_vl import MAX_PIXELS, MIN_PIXELS, image_tokens, prepare_qwen2_vl_dir
+from kept_cache import assert_kept_equal_select_kept
+
+CONFIG = CSPConfig(budget=0.2, window=8)
+FULL = CSPConfig(budget=1.0, window=8)
+# (height, width) in pixels, and text tokens before / after the image span: 6 (8 x 12), 16 (16 x 16),
+# 35 (20 x 28) and 64 (40 x 40, scaled down to 32 x 32 by max_pixels) image tokens
+REQUESTS = [((16, 16), 5, 40), ((20, 28), 17, 30), ((8, 12), 30, 24), ((40, 40), 9, 36)]
+LAYERS = 2
+ENGINE_ARGS = dict(limit_mm_per_prompt={"image": 1, "video": 0}, max_model_len=512)
+
+
+@pytest.fixture(scope="module")
+def qwen_dir(tmp_path_factory):
+    return prepare_qwen2_vl_dir(tmp_path_factory.mktemp("tiny_qwen2_vl_vllm"))
+
+
+@pytest.fixture(scope="module")
+def config_json(qwen_dir):
+    import json
+
+    return json.loads((qwen_dir / "config.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def engines(qwen_dir):
+    made: dict[Any, Any] = {}
+
+    def get(config: CSPConfig | None) -> Any:
+        if config not in made:
+            made[config] = make_llm(qwen_dir, config, **ENGINE_ARGS)
+        return made[config]
+
+    return get
+
+
+@pytest.fixture
+def records():
+    seen: list[tuple] = []
+    batch.RECORDER.append(lambda *args: seen.append(args))
+    yield seen
+    batch.RECORDER.clear()
+
+
+def _prompts(config_json: dict) -> list[dict[str, Any]]:
+    """One prompt per entry of REQUESTS: random text, ``<|vision_start|> <|image_pad|> <|vision_end|>``
+    (vLLM expands the pad to the image's tokens), random text; a random RGB image of that size."""
+    vocab = config_json["text_config"]["vocab_size"]
+    span = [config_json["vision_start_token_id"], config_json["image_token_id"], config_json["vision_end_token_id"]]
+    rng = np.random.default_rng(0)
+    prompts = []
+    for (height, width), before, after in REQUESTS:
+        text = rng.integers(FIRST_TEXT_ID, vocab - RESERVED_TOP, before + after).tolist()
+        image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), mode="RGB")
+        prompts.append({"prompt_token_ids": [BOS, *text[:before], *span, *text[before:]],
+                        "multi_modal_data": {"image": image}})
+    return prompts
+
+
+def _prefill_and_record(llm: Any, prompts: list[dict[str, Any]], records: list[tuple]) -> dict[str, tuple]:
+    """Greedy one token of every prompt in one ``generate`` call (prefill only); {req_id: (the
+    prompt's token ids as vLLM expanded them, its multimodal features)} of every compacted request."""
+    view = batch.view_for(llm.llm_engine.vllm_config)
+    seen: dict[str, tuple] = {}
+
+    def remember(name, req_id, *rest):  # noqa: ANN001
+        request = view.request(req_id)
+        seen.setdefault(req_id, (torch.tensor(request.prompt_token_ids), list(request.mm_features)))
+
+    batch.RECORDER.append(remember)
+    greedy(llm, prompts, 1)
+    assert len(seen) == len(prompts) and len(records) == len(prompts) * LAYERS
+    return seen
+
+
+def test_images_of_different_sizes_get_their_own_token_counts_and_modality(engines, config_json, records):
+    prompts = _prompts(config_json)
+    requests = _prefill_and_record(engines(CONFIG), prompts, records)
+    counts = {}
+    for name, req_id, query, key, value, modality, plan, indices, slots in records:
+        ids, features = requests[req_id]
+        (feature,) = features
+        placeholder = feature.mm_position
+        assert feature.modality == "image" and plan.length == len(ids)
+        from_ranges = torch.zeros(len(ids), dtype=torch.long)
+        from_ranges[placeholder.offset:placeholder.offset + placeholder.length] = 1
+        assert placeholder.is_embed is None or bool(placeholder.is_embed.all())
+        # the plugin's modality ids (modality_ids of the request's features): image exactly on the
+        # placeholder range, which holds exactly the <|image_pad|> tokens (vision_start / vision_end are text)
+        assert torch.equal(modality, modality_ids(features, len(ids)))
+        assert torch.equal(modality, from_ranges)
+        assert torch.equal(modality, (ids == config_json["image_token_id"]).long())
+        assert ids[placeholder.offset - 1] == config_json["vision_start_token_id"]
+        assert ids[placeholder.offset + placeholder.length] == config_json["vision_end_token_id"]
+        counts[req_id] = placeholder.length
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    expected = []
+    for (height, width), _, _ in REQUESTS:  # one token per 4 x 4 pixels of the processor's resized image
+        resized = smart_resize(height, width, factor=4, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+        expected.append(resized[0] // 4 * (resized[1] // 4))
+        assert expected[-1] == image_tokens(height, width)
+    by_prompt = sorted(counts.values())
+    assert by_prompt == sorted(expected)
+    assert len(set(by_prompt)) == len(REQUESTS)  # every image size gave its own token count
+    first_layer = records[0][0]
+    assert [r[0] for r in records[: len(prompts)]] == [first_layer] * len(prompts)  # one batch: one step
+
+
+def test_kept_positions_per_layer_and_kv_head_equal_select_kept(engines, config_json, records):
+    llm = engines(CONFIG)
+    _prefill_and_record(llm, _prompts(config_json), records)
+    text = config_json["text_config"]
+    heads, kv_heads = text["num_attention_heads"], text["num_key_value_heads"]
+    assert kv_heads < heads
+    for record in records:
+        name, req_id, query, key, value, modality, plan, indices, slots = record
+        assert query.shape[1] == heads and key.shape[1] == kv_heads  # GQA: (L, heads, D), (L, kv_heads, D)
+        wanted, _ = resolve_budget(plan.length, CONFIG)
+        assert (plan.length - plan.kept) % BLOCK_SIZE == 0 and wanted <= plan.kept < wanted + BLOCK_SIZE
+        assert plan.freed_blocks >= 1
+        oracle = assert_kept_equal_select_kept(llm, record, CONFIG)
+        assert oracle.shape == (kv_heads, plan.kept)
+
+
+@contextlib.contextmanager
+def _positions_fed(llm: Any) -> Iterator[dict[tuple[int, ...], list[tuple[int, torch.Tensor]]]]:
+    """{prompt token ids: [(computed tokens before the step, the (3, n) M-RoPE positions the model got
+    for the request's n tokens of that step)] per step}, while open (wraps the runner's ``_model_forward``)."""
+    runner = batch.view_for(llm.llm_engine.vllm_config).runner
+    assert runner.uses_mrope
+    seen: dict[tuple[int, ...], list[tuple[int, torch.Tensor]]] = {}
+    original = runner._model_forward
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        positions = kwargs["positions"]
+        rows = runner.input_batch.num_reqs
+        starts = runner.query_start_loc.cpu[: rows + 1].tolist()
+        for row, req_id in enumerate(runner.input_batch.req_ids[:rows]):
+            steps = seen.setdefault(tuple(runner.requests[req_id].prompt_token_ids), [])
+            steps.append((int(runner.input_batch.num_computed_tokens_cpu[row]),
+                          positions[:, starts[row]:starts[row + 1]].clone()))
+        return original(*args, **kwargs)
+
+    runner._model_forward = recording
+    try:
+        yield seen
+    finally:
+        del runner._model_forward
+
+
+def test_decoding_after_compaction_keeps_the_m_rope_positions_of_plain_vllm(engines, config_json, records):
+    prompts, new_tokens = _prompts(config_json), 16
+    fed, tokens = {}, {}
+    for name, config in (("csp", CONFIG), ("plain", None)):
+        with _positions_fed(engines(config)) as fed[name]:
+            tokens[name] = greedy(engines(config), prompts, new_tokens)
+    compacted = {req_id for _, req_id, *_ in records}
+    assert len(compacted) == len(prompts)  # every request was compacted (plain vLLM records nothing)
+    assert all(len(row) == new_tokens for name in tokens for row in tokens[name])
+    assert fed["csp"].keys() == fed["plain"].keys() and len(fed["csp"]) == len(prompts)
+    for ids, steps in fed["csp"].items():
+        plain = fed["plain"][ids]
+        assert [n for n, _ in steps] == [n for n, _ in plain] == [0, *range(len(ids), len(ids) + new_tokens - 1)]
+        for (_, ours), (_, theirs) in zip(steps, plain):
+            assert torch.equal(ours, theirs)
+        prefill = steps[0][1]
+        image = torch.tensor(ids) == config_json["image_token_id"]
+        assert prefill.shape == (3, len(ids))
+        assert not torch.equal(prefill[1, image], prefill[2, image])  # M-RoPE: the image's rows and columns
+        delta = int(prefill.max()) + 1 - len(ids)
+        assert delta < 0  # the image's grid takes fewer positions than tokens
+        for computed, positions in steps[1:]:  # decode: one token at position computed + delta, on all 3 axes
+            assert positions.tolist() == [[computed + delta]] * 3
+
+
+def test_full_budget_gives_plain_vllm_tokens(engines, config_json, records):
+    prompts = _prompts(config_json)
+    assert greedy(engines(FULL), prompts, 8) == greedy(engines(None), prompts, 8)
+    assert records == []  # nothing compacted at budget 1.0
