@@ -120,7 +120,7 @@ def prepare_qwen2_vl_dir(target: str | Path, *, seed: int = 0, min_pixels: int =
     config = model.config
     vision = config.vision_config
     if (vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size) != (_PATCH, _MERGE, _TEMPORAL):
-        raise AssertionError("the tiny qwen2_vl family's vision tower changed: update qwen2_vl_dir's processor sizes")
+        raise AssertionError("the tiny qwen2_vl family's vision tower changed: update tiny_qwen2_vl's processor sizes")
     config.architectures = ["Qwen2VLForConditionalGeneration"]
     config.save_pretrained(target)
     tensors = {name: tensor.detach().clone().contiguous() for name, tensor in model.state_dict().items()}
