@@ -15,6 +15,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from csp_compile.data import make_dataset  # noqa: E402
+from csp_compile.vllm import batch  # noqa: E402
 from csp_compile.vllm.engine import prepared_model_dir, task_prompt  # noqa: E402
 
 
@@ -45,3 +46,13 @@ def engine(model_dir):
         return made[key]
 
     return get
+
+
+@pytest.fixture
+def records():
+    """Every compaction while the test runs, as ``batch.RECORDER`` passes it: (layer name, request
+    id, query, key, value, modality, plan, kept indices, slots)."""
+    seen: list[tuple] = []
+    batch.RECORDER.append(lambda *args: seen.append(args))
+    yield seen
+    batch.RECORDER.clear()

@@ -59,14 +59,6 @@ def engines(qwen_dir):
     return get
 
 
-@pytest.fixture
-def records():
-    seen: list[tuple] = []
-    batch.RECORDER.append(lambda *args: seen.append(args))
-    yield seen
-    batch.RECORDER.clear()
-
-
 def _prompts(config_json: dict) -> list[dict[str, Any]]:
     """One prompt per entry of REQUESTS: random text, ``<|vision_start|> <|image_pad|> <|vision_end|>``
     (vLLM expands the pad to the image's tokens), random text; a random RGB image of that size."""

@@ -29,14 +29,6 @@ def plain_llm(engine):
     return engine(None)
 
 
-@pytest.fixture
-def records():
-    seen: list[tuple] = []
-    batch.RECORDER.append(lambda *args: seen.append(args))
-    yield seen
-    batch.RECORDER.clear()
-
-
 def test_full_budget_gives_plain_vllm_tokens(engine, plain_llm, test_split, records):
     prompts = test_split[0][:40]
     full = engine(CSPConfig(budget=1.0, window=8))
