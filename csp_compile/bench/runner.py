@@ -1,4 +1,4 @@
-"""``run_bench``: every measurement of ``csp-compile bench`` in one process, as one flat dict.
+"""``run_bench``: every measurement of ``csp-compile bench``, as one flat dict.
 
 The prefill overhead first, in fresh processes of its own (``overhead``). Then copies of the
 bench Llava with identical random weights: one with its language model compiled as the plain
