@@ -10,8 +10,10 @@ import torch
 from vllm import _custom_ops as ops
 
 from csp_compile.config import CSPConfig
+from csp_compile.scoring import resolve_budget
 from csp_compile.selection import select_kept
 from csp_compile.vllm import batch
+from csp_compile.vllm.engine import BLOCK_SIZE
 
 
 def attention_layer(llm: Any, name: str) -> Any:
@@ -21,11 +23,15 @@ def attention_layer(llm: Any, name: str) -> Any:
 
 
 def assert_kept_equal_select_kept(llm: Any, record: tuple, config: CSPConfig) -> torch.Tensor:
-    """One ``batch.RECORDER`` record: the plugin's kept indices equal ``select_kept`` on the recorded
-    Q/K and modality with the plan's kept count, and the cache blocks hold each KV head's kept K/V in
-    ascending position from the first kept slot (writing the oracle's gather there again with vLLM's
-    op changes no byte: the layout is the op's own). Returns the oracle's (kv_heads, kept) indices."""
+    """One ``batch.RECORDER`` record: the plan's kept count is DESIGN §2's B rounded up to the block
+    congruence (``kept = L mod block_size``, fewer than a block over B); the plugin's kept indices
+    equal ``select_kept`` on the recorded Q/K and modality with that count; and the cache blocks
+    hold each KV head's kept K/V in ascending position from the first kept slot (writing the
+    oracle's gather there again with vLLM's op changes no byte: the layout is the op's own).
+    Returns the oracle's (kv_heads, kept) indices."""
     name, req_id, query, key, value, modality, plan, indices, slots = record
+    wanted, _ = resolve_budget(plan.length, config)
+    assert (plan.length - plan.kept) % BLOCK_SIZE == 0 and wanted <= plan.kept < wanted + BLOCK_SIZE, name
     oracle = select_kept(query.permute(1, 0, 2)[None], key.permute(1, 0, 2)[None], modality[None],
                          config.replace(budget=plan.kept), scale=1 / math.sqrt(key.shape[-1])).indices[0]
     assert torch.equal(indices, oracle), name
