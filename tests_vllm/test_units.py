@@ -48,11 +48,13 @@ def test_csp_config_is_off_without_the_key_and_validated_with_it():
     assert csp_config({"csp": {"layer_budget": "uniform"}}).layer_budget == "uniform"
 
 
-def _engine(prefix=False, chunked=False, tp=1, csp=True):
+def _engine(prefix=False, chunked=False, tp=1, csp=True, layer_types=None, hybrid_off=False):
     return types.SimpleNamespace(
         additional_config={"csp": {"budget": 0.2}} if csp else {},
+        model_config=types.SimpleNamespace(hf_text_config=types.SimpleNamespace(layer_types=layer_types)),
         cache_config=types.SimpleNamespace(enable_prefix_caching=prefix),
-        scheduler_config=types.SimpleNamespace(enable_chunked_prefill=chunked),
+        scheduler_config=types.SimpleNamespace(enable_chunked_prefill=chunked,
+                                               disable_hybrid_kv_cache_manager=hybrid_off),
         speculative_config=None,
         parallel_config=types.SimpleNamespace(tensor_parallel_size=tp, pipeline_parallel_size=1, data_parallel_size=1),
     )
@@ -67,6 +69,19 @@ def test_check_engine_names_the_setting_to_change():
         check_engine(_engine(chunked=True))
     with pytest.raises(ValueError, match="one worker"):
         check_engine(_engine(tp=2))
+
+
+def test_check_engine_needs_full_attention_layers_and_their_own_block_table():
+    mixed = ["sliding_attention", "full_attention"] * 2
+    assert check_engine(_engine(layer_types=mixed)) == CSPConfig(budget=0.2)
+    assert check_engine(_engine(layer_types=["full_attention"] * 4, hybrid_off=True)) == CSPConfig(budget=0.2)
+    assert check_engine(_engine(hybrid_off=True)) == CSPConfig(budget=0.2)  # no layer_types: full attention
+    with pytest.raises(ValueError, match=r"no full-attention layer .* \['sliding_attention'\]"):
+        check_engine(_engine(layer_types=["sliding_attention"] * 4))
+    with pytest.raises(ValueError, match=r"\['full_attention', 'sliding_attention'\] layers would share one block "
+                                         r"table.*disable_hybrid_kv_cache_manager=False"):
+        check_engine(_engine(layer_types=mixed, hybrid_off=True))
+    assert check_engine(_engine(layer_types=["sliding_attention"], hybrid_off=True, csp=False)) is None
 
 
 def _feature(modality, offset, length, is_embed=None):
@@ -108,3 +123,15 @@ def test_vision_keys_gain_the_vision_model_level_once():
     assert rename_vision_keys(names) == {
         names[0]: "vision_tower.vision_model.embeddings.patch_embedding.weight",
         names[1]: names[1], names[2]: names[2]}
+
+
+def test_the_scheduler_hook_refuses_an_engine_without_a_full_attention_group():
+    from vllm.v1.core.single_type_kv_cache_manager import SlidingWindowManager
+
+    from csp_compile.vllm.scheduler_hook import free_compacted_blocks
+
+    sliding = object.__new__(SlidingWindowManager)  # only its type is read
+    scheduler = types.SimpleNamespace(kv_cache_manager=types.SimpleNamespace(
+        coordinator=types.SimpleNamespace(single_type_managers=[sliding])))
+    with pytest.raises(ValueError, match="no full-attention KV cache group for CSP to compact"):
+        free_compacted_blocks(scheduler, types.SimpleNamespace(num_scheduled_tokens={"a": 64}), ["a"], CSPConfig())

@@ -9,6 +9,10 @@ kept K/V of every KV head, in ascending original position, into the slots of the
 ``freed_blocks`` blocks then hold nothing anyone reads; ``scheduler_hook`` frees them and, at every
 later step, the metadata builder drops them from the row's block table and ``seq_lens``.
 Positions stay logical: vLLM derives them from ``num_computed_tokens``.
+Sliding-window layers are left alone (impl and builder); they need KV cache groups of their own
+(vLLM's hybrid KV cache manager, on by default on CPU): ``settings.check_engine`` refuses the manager
+off for a model with both kinds, and the builder refuses any group that still mixes them
+(``check_group_windows``).
 Which rows are such prefills, their plans, selection configs and modality ids are worked out
 once per step by the metadata builder (``Compaction``); every layer reuses them, so a layer's
 extra work is ``kept_indices``, two gathers and the cache write.
@@ -25,7 +29,8 @@ import dataclasses
 import torch
 
 from vllm import _custom_ops as ops
-from vllm.config import get_current_vllm_config
+from vllm.config import VllmConfig, get_current_vllm_config, get_layers_from_vllm_config
+from vllm.model_executor.layers.attention import Attention
 from vllm.v1.attention.backend import AttentionType, CommonAttentionMetadata
 from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionBackend,
@@ -42,7 +47,7 @@ from csp_compile.vllm.select import kept_indices
 from csp_compile.vllm.settings import check_engine
 
 __all__ = ["CSPCPUAttentionBackend", "CSPCPUAttentionImpl", "CSPCPUAttentionMetadata", "CSPCPUMetadataBuilder",
-           "Compaction", "shift_rows"]
+           "Compaction", "check_group_windows", "shift_rows"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,12 +86,28 @@ def shift_rows(common: CommonAttentionMetadata, offsets: torch.Tensor, block_siz
     return dataclasses.replace(common, block_table_tensor=shifted, seq_lens=seq_lens)
 
 
+def check_group_windows(vllm_config: VllmConfig, layer_names: list[str]) -> None:
+    """ValueError (one line) unless the attention layers of one KV cache group (``layer_names``) share
+    one sliding window (-1: none). A group has one block table per request: freeing its leading blocks
+    for the full-attention layers (which the impl compacts) would also take the uncompacted tokens of
+    its sliding-window layers, and shift their table. vLLM keeps the two kinds in separate groups
+    (``SlidingWindowManager``, ``FullAttentionManager``) unless its hybrid KV cache manager is off."""
+    layers = get_layers_from_vllm_config(vllm_config, Attention, layer_names)
+    windows = sorted({layer.impl.sliding_window for layer in layers.values()})
+    if len(windows) > 1:
+        raise ValueError(f"csp_compile.vllm: a KV cache group mixes sliding windows {windows} (-1: full attention), "
+                         "which CSP cannot compact; keep vLLM's hybrid KV cache manager on "
+                         "(disable_hybrid_kv_cache_manager=False)")
+
+
 class CSPCPUMetadataBuilder(CPUAttentionMetadataBuilder):
     """CPU metadata builder that hides each request's freed leading blocks (CSP on), else vLLM's."""
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:  # noqa: ANN001 (vLLM's signature)
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.csp = check_engine(vllm_config)
+        if self.csp is not None:
+            check_group_windows(vllm_config, layer_names)
         if self.window_size != -1:
             self.csp = None  # sliding-window layers are not compacted (the impl leaves them alone too)
         self.batch = view_for(vllm_config)

@@ -30,10 +30,14 @@ def fresh_prefills(scheduler: Any, scheduler_output: Any) -> list[str]:
 
 def free_compacted_blocks(scheduler: Any, scheduler_output: Any, fresh: list[str], config: CSPConfig) -> dict[str, int]:
     """Free the leading blocks of every request in ``fresh`` that this step prefills whole;
-    returns {req_id: blocks freed per KV cache group}."""
+    returns {req_id: blocks freed per KV cache group}. ValueError when the engine has no
+    full-attention KV cache group (CSP would silently compact nothing)."""
     freed: dict[str, int] = {}
     managers = [m for m in scheduler.kv_cache_manager.coordinator.single_type_managers
                 if type(m) is FullAttentionManager]
+    if not managers:
+        raise ValueError("csp_compile.vllm: the engine has no full-attention KV cache group for CSP to compact "
+                         "(every layer has a sliding window or another kind of attention)")
     for req_id in fresh:
         request = scheduler.requests[req_id]
         scheduled = scheduler_output.num_scheduled_tokens[req_id]

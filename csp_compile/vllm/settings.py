@@ -4,7 +4,8 @@ The ``"csp"`` mapping holds ``CSPConfig`` fields (validated by ``CSPConfig`` its
 transformers path that have no vLLM meaning yet are refused: ``prefill_chunk`` and
 ``decode_budget`` (chunked and decode-time re-selection), adaptive ``layer_budget`` / ``head_budget``
 (vLLM's blocks hold one count per layer and head), ``on_new_turn`` other than the default (a vLLM
-request is one turn).
+request is one turn). The model needs full-attention decoder layers (the ones CSP compacts), and a
+model that also has sliding-window layers needs vLLM's hybrid KV cache manager (their own block table).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from csp_compile.config import CSPConfig
 __all__ = ["CONFIG_KEY", "check_engine", "csp_config"]
 
 CONFIG_KEY = "csp"
+_FULL_ATTENTION = "full_attention"
 _UNSUPPORTED = {"prefill_chunk": None, "decode_budget": None, "layer_budget": "uniform", "head_budget": "uniform"}
 
 
@@ -41,11 +43,20 @@ def csp_config(additional_config: Mapping[str, Any] | None) -> CSPConfig | None:
         _fail(str(error))
 
 
+def attention_kinds(vllm_config: Any) -> set[str]:
+    """The kinds of attention of the model's decoder layers: its text config's ``layer_types``
+    (transformers' per-layer list, e.g. "full_attention", "sliding_attention"), or {"full_attention"}
+    when the config has none."""
+    text = vllm_config.model_config.hf_text_config
+    return set(getattr(text, "layer_types", None) or ()) or {_FULL_ATTENTION}
+
+
 def check_engine(vllm_config: Any) -> CSPConfig | None:
     """The engine's CSPConfig (None when CSP is off) after checking that the engine can run it:
     prefix caching off (compacted blocks must never be served as another request's prefix),
     chunked prefill off (a prompt is scored in the step that prefills all of it), no speculative
-    decoding, one worker. ValueError names the setting to change."""
+    decoding, one worker; a model with full-attention layers and, where it has other kinds too, vLLM's
+    hybrid KV cache manager on. ValueError names the setting to change."""
     config = csp_config(getattr(vllm_config, "additional_config", None))
     if config is None:
         return None
@@ -59,4 +70,10 @@ def check_engine(vllm_config: Any) -> CSPConfig | None:
     parallel = vllm_config.parallel_config
     if parallel.tensor_parallel_size * parallel.pipeline_parallel_size * parallel.data_parallel_size != 1:
         _fail("CSP is tested with one worker only: set tensor/pipeline/data parallel sizes to 1")
+    kinds = sorted(attention_kinds(vllm_config))
+    if _FULL_ATTENTION not in kinds:
+        _fail(f"the model has no full-attention layer for CSP to compact (its layers: {kinds})")
+    if len(kinds) > 1 and vllm_config.scheduler_config.disable_hybrid_kv_cache_manager:
+        _fail(f"the model's {kinds} layers would share one block table, which CSP cannot compact: keep vLLM's "
+              "hybrid KV cache manager on (disable_hybrid_kv_cache_manager=False)")
     return config
