@@ -39,6 +39,7 @@ from csp_compile.vllm import batch, settings
 from csp_compile.vllm.cpu_backend import CSPCPUAttentionImpl
 from csp_compile.vllm.engine import BLOCK_SIZE, greedy, make_llm, scheduler_of
 from csp_compile.vllm.modality import modality_ids
+from engine_steps import engine_per_config
 from kept_cache import assert_kept_equal_select_kept
 from tiny_gemma3 import IMAGE_SIZE, IMAGE_TOKENS, LAYER_TYPES, SLIDING_WINDOW, prepare_gemma3_dir
 
@@ -66,14 +67,7 @@ def config_json(gemma_dir):
 
 @pytest.fixture(scope="module")
 def engines(gemma_dir):
-    made: dict[Any, Any] = {}
-
-    def get(config: CSPConfig | None) -> Any:
-        if config not in made:
-            made[config] = make_llm(gemma_dir, config, **ENGINE_ARGS)
-        return made[config]
-
-    return get
+    return engine_per_config(gemma_dir, **ENGINE_ARGS)
 
 
 def _prompts(config_json: dict) -> list[dict[str, Any]]:

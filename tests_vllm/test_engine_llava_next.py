@@ -16,10 +16,9 @@ transformers path does: LLaVA-NeXT's processor expands ``<image>`` to one image 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -30,8 +29,9 @@ from csp_compile.config import CSPConfig
 from csp_compile.selection import select_kept
 from csp_compile.tiny_vlms import BOS, FIRST_TEXT_ID, RESERVED_TOP
 from csp_compile.vllm import batch
-from csp_compile.vllm.engine import greedy, make_llm
+from csp_compile.vllm.engine import greedy
 from csp_compile.vllm.modality import modality_ids
+from engine_steps import engine_per_config, fed_to_model, prefill_and_record
 from kept_cache import assert_kept_equal_select_kept
 from tiny_llava_next import PATCH, TILE, best_pinpoint, image_tokens, prepare_llava_next_dir, unpadded_grid
 
@@ -57,14 +57,7 @@ def config_json(model_path):
 
 @pytest.fixture(scope="module")
 def engines(model_path):
-    made: dict[Any, Any] = {}
-
-    def get(config: CSPConfig | None) -> Any:
-        if config not in made:
-            made[config] = make_llm(model_path, config, **ENGINE_ARGS)
-        return made[config]
-
-    return get
+    return engine_per_config(model_path, **ENGINE_ARGS)
 
 
 def _images() -> list[Image.Image]:
@@ -86,46 +79,6 @@ def _prompts(config_json: dict) -> list[dict[str, Any]]:
     return prompts
 
 
-def _prefill_and_record(llm: Any, prompts: list[dict[str, Any]], records: list[tuple]) -> dict[str, tuple]:
-    """Greedy one token of every prompt in one ``generate`` call (prefill only); {req_id: (the
-    prompt's token ids as vLLM expanded them, its multimodal features)} of every compacted request."""
-    view = batch.view_for(llm.llm_engine.vllm_config)
-    seen: dict[str, tuple] = {}
-
-    def remember(name, req_id, *rest):  # noqa: ANN001
-        request = view.request(req_id)
-        seen.setdefault(req_id, (torch.tensor(request.prompt_token_ids), list(request.mm_features)))
-
-    batch.RECORDER.append(remember)
-    greedy(llm, prompts, 1)
-    assert len(seen) == len(prompts) and len(records) == len(prompts) * LAYERS
-    return seen
-
-
-@contextlib.contextmanager
-def _embeddings_fed(llm: Any) -> Iterator[dict[tuple[int, ...], torch.Tensor]]:
-    """{prompt token ids: the (L, hidden) input embeddings the language model got at the request's
-    prefill}, while open (wraps the runner's ``_model_forward``)."""
-    runner = batch.view_for(llm.llm_engine.vllm_config).runner
-    seen: dict[tuple[int, ...], torch.Tensor] = {}
-    original = runner._model_forward
-
-    def recording(*args: Any, **kwargs: Any) -> Any:
-        embeds = kwargs["inputs_embeds"]
-        rows = runner.input_batch.num_reqs
-        starts = runner.query_start_loc.cpu[: rows + 1].tolist()
-        for row, req_id in enumerate(runner.input_batch.req_ids[:rows]):
-            if int(runner.input_batch.num_computed_tokens_cpu[row]) == 0:
-                seen[tuple(runner.requests[req_id].prompt_token_ids)] = embeds[starts[row]:starts[row + 1]].clone()
-        return original(*args, **kwargs)
-
-    runner._model_forward = recording
-    try:
-        yield seen
-    finally:
-        del runner._model_forward
-
-
 def _newline_offsets(height: int, width: int) -> list[int]:
     """Offsets, in the image's token span, of its image-newline features: after the base tile's
     features, one closing each row of the unpadded tile grid."""
@@ -140,8 +93,8 @@ def test_every_image_token_newlines_included_is_image_and_counts_follow_the_pinp
     from csp_compile.modality import modality_ids as transformers_modality
 
     llm = engines(CONFIG)
-    with _embeddings_fed(llm) as fed:
-        requests = _prefill_and_record(llm, _prompts(config_json), records)
+    with fed_to_model(llm, "inputs_embeds", token_dim=0) as fed:
+        requests = prefill_and_record(llm, _prompts(config_json), records, LAYERS)
     image_id = config_json["image_token_index"]
     newline = batch.view_for(llm.llm_engine.vllm_config).runner.get_model().image_newline.detach()
     counts = {}
@@ -176,7 +129,8 @@ def test_every_image_token_newlines_included_is_image_and_counts_follow_the_pinp
     assert len({best_pinpoint(h, w) for (h, w), _, _ in REQUESTS}) == len(REQUESTS)  # each its own tile grid
     assert len({length for _, length in by_offset}) == len(REQUESTS)
     # the newline features sit inside the range: the model got its image_newline vector there
-    for ids, embeds in fed.items():
+    for ids, ((computed, embeds),) in fed.items():  # one step: the prefill
+        assert computed == 0
         ids = torch.tensor(ids)
         (start,) = torch.nonzero(ids == image_id)[0].tolist()
         length = int((ids == image_id).sum())
@@ -191,7 +145,7 @@ def test_every_image_token_newlines_included_is_image_and_counts_follow_the_pinp
 
 def test_kept_positions_per_layer_and_kv_head_equal_select_kept(engines, config_json, records):
     llm = engines(CONFIG)
-    _prefill_and_record(llm, _prompts(config_json), records)
+    prefill_and_record(llm, _prompts(config_json), records, LAYERS)
     text = config_json["text_config"]
     heads, kv_heads = text["num_attention_heads"], text["num_key_value_heads"]
     assert kv_heads < heads

@@ -9,9 +9,8 @@ different offsets; every request is compacted (1 or 2 of its blocks freed).
 
 from __future__ import annotations
 
-import contextlib
 import json
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,10 +20,11 @@ from PIL import Image
 from csp_compile.config import CSPConfig
 from csp_compile.tiny_vlms import BOS, FIRST_TEXT_ID, RESERVED_TOP
 from csp_compile.vllm import batch
-from csp_compile.vllm.engine import greedy, make_llm
+from csp_compile.vllm.engine import greedy
 from csp_compile.vllm.modality import modality_ids
-from tiny_qwen2_vl import MAX_PIXELS, MIN_PIXELS, image_tokens, prepare_qwen2_vl_dir
+from engine_steps import engine_per_config, fed_to_model, prefill_and_record
 from kept_cache import assert_kept_equal_select_kept
+from tiny_qwen2_vl import MAX_PIXELS, MIN_PIXELS, image_tokens, prepare_qwen2_vl_dir
 
 CONFIG = CSPConfig(budget=0.2, window=8)
 FULL = CSPConfig(budget=1.0, window=8)
@@ -47,14 +47,7 @@ def config_json(qwen_dir):
 
 @pytest.fixture(scope="module")
 def engines(qwen_dir):
-    made: dict[Any, Any] = {}
-
-    def get(config: CSPConfig | None) -> Any:
-        if config not in made:
-            made[config] = make_llm(qwen_dir, config, **ENGINE_ARGS)
-        return made[config]
-
-    return get
+    return engine_per_config(qwen_dir, **ENGINE_ARGS)
 
 
 def _prompts(config_json: dict) -> list[dict[str, Any]]:
@@ -72,25 +65,9 @@ def _prompts(config_json: dict) -> list[dict[str, Any]]:
     return prompts
 
 
-def _prefill_and_record(llm: Any, prompts: list[dict[str, Any]], records: list[tuple]) -> dict[str, tuple]:
-    """Greedy one token of every prompt in one ``generate`` call (prefill only); {req_id: (the
-    prompt's token ids as vLLM expanded them, its multimodal features)} of every compacted request."""
-    view = batch.view_for(llm.llm_engine.vllm_config)
-    seen: dict[str, tuple] = {}
-
-    def remember(name, req_id, *rest):  # noqa: ANN001
-        request = view.request(req_id)
-        seen.setdefault(req_id, (torch.tensor(request.prompt_token_ids), list(request.mm_features)))
-
-    batch.RECORDER.append(remember)
-    greedy(llm, prompts, 1)
-    assert len(seen) == len(prompts) and len(records) == len(prompts) * LAYERS
-    return seen
-
-
 def test_images_of_different_sizes_get_their_own_token_counts_and_modality(engines, config_json, records):
     prompts = _prompts(config_json)
-    requests = _prefill_and_record(engines(CONFIG), prompts, records)
+    requests = prefill_and_record(engines(CONFIG), prompts, records, LAYERS)
     counts = {}
     for name, req_id, query, key, value, modality, plan, indices, slots in records:
         ids, features = requests[req_id]
@@ -124,7 +101,7 @@ def test_images_of_different_sizes_get_their_own_token_counts_and_modality(engin
 
 def test_kept_positions_per_layer_and_kv_head_equal_select_kept(engines, config_json, records):
     llm = engines(CONFIG)
-    _prefill_and_record(llm, _prompts(config_json), records)
+    prefill_and_record(llm, _prompts(config_json), records, LAYERS)
     text = config_json["text_config"]
     heads, kv_heads = text["num_attention_heads"], text["num_key_value_heads"]
     assert kv_heads < heads
@@ -136,37 +113,12 @@ def test_kept_positions_per_layer_and_kv_head_equal_select_kept(engines, config_
         assert oracle.shape == (kv_heads, plan.kept)
 
 
-@contextlib.contextmanager
-def _positions_fed(llm: Any) -> Iterator[dict[tuple[int, ...], list[tuple[int, torch.Tensor]]]]:
-    """{prompt token ids: [(computed tokens before the step, the (3, n) M-RoPE positions the model got
-    for the request's n tokens of that step)] per step}, while open (wraps the runner's ``_model_forward``)."""
-    runner = batch.view_for(llm.llm_engine.vllm_config).runner
-    assert runner.uses_mrope
-    seen: dict[tuple[int, ...], list[tuple[int, torch.Tensor]]] = {}
-    original = runner._model_forward
-
-    def recording(*args: Any, **kwargs: Any) -> Any:
-        positions = kwargs["positions"]
-        rows = runner.input_batch.num_reqs
-        starts = runner.query_start_loc.cpu[: rows + 1].tolist()
-        for row, req_id in enumerate(runner.input_batch.req_ids[:rows]):
-            steps = seen.setdefault(tuple(runner.requests[req_id].prompt_token_ids), [])
-            steps.append((int(runner.input_batch.num_computed_tokens_cpu[row]),
-                          positions[:, starts[row]:starts[row + 1]].clone()))
-        return original(*args, **kwargs)
-
-    runner._model_forward = recording
-    try:
-        yield seen
-    finally:
-        del runner._model_forward
-
-
 def test_decoding_after_compaction_keeps_the_m_rope_positions_of_plain_vllm(engines, config_json, records):
     prompts, new_tokens = _prompts(config_json), 16
     fed, tokens = {}, {}
     for name, config in (("csp", CONFIG), ("plain", None)):
-        with _positions_fed(engines(config)) as fed[name]:
+        assert batch.view_for(engines(config).llm_engine.vllm_config).runner.uses_mrope
+        with fed_to_model(engines(config), "positions", token_dim=1) as fed[name]:
             tokens[name] = greedy(engines(config), prompts, new_tokens)
     compacted = {req_id for _, req_id, *_ in records}
     assert len(compacted) == len(prompts)  # every request was compacted (plain vLLM records nothing)

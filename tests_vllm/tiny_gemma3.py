@@ -22,10 +22,12 @@ Prompts are token ids with one ``<start_of_image>`` per image; vLLM replaces it 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from safetensors.torch import save_file
+
+from csp_compile.vllm.model_dir import rename_vision_keys
+from tiny_dir_files import token_names, tokenizer_files, write_files
 
 __all__ = ["IMAGE_SIZE", "IMAGE_TOKENS", "LAYER_TYPES", "SLIDING_WINDOW", "TEXT_DEFAULTS", "prepare_gemma3_dir"]
 
@@ -37,46 +39,13 @@ TEXT_DEFAULTS = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layer
                  "sliding_window": SLIDING_WINDOW}
 SPECIAL_TOKENS = {"<image_soft_token>": "image_token_index", "<start_of_image>": "boi_token_index",
                   "<end_of_image>": "eoi_token_index", "\n": None, "\n\n": None, "\n\n\n": None, "\n\n\n\n": None}
-_LOW = {0: "<pad>", 1: "<s>", 2: "</s>", 3: "<unk>"}
 _VISION = "model.vision_tower."
 
 
-def _vllm_name(name: str) -> str:
-    """``name`` as vLLM's loader wants it: the SigLIP tower's tensors one ``vision_model.`` level down."""
-    if name.startswith(_VISION) and not name.startswith(_VISION + "vision_model."):
-        return _VISION + "vision_model." + name[len(_VISION):]
-    return name
-
-
-def _token_names(config) -> dict[int, str]:  # noqa: ANN001 (a Gemma3Config)
-    vocab = config.get_text_config().vocab_size
-    names = {i: f"w{i}" for i in range(vocab)}
-    names.update(_LOW)
-    taken = {getattr(config, attr) for attr in SPECIAL_TOKENS.values() if attr}
-    free = (i for i in range(vocab - 1, len(_LOW) - 1, -1) if i not in taken)
-    for name, attr in SPECIAL_TOKENS.items():
-        names[getattr(config, attr) if attr else next(free)] = name
-    return names
-
-
-def _tokenizer_json(names: dict[int, str]) -> dict:
-    added = [i for i, name in names.items() if name.startswith("<") or name.startswith("\n")]
-    return {
-        "version": "1.0", "truncation": None, "padding": None,
-        "added_tokens": [{"id": i, "content": names[i], "single_word": False, "lstrip": False, "rstrip": False,
-                          "normalized": False, "special": names[i].startswith("<")} for i in sorted(added)],
-        "normalizer": None, "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": None, "decoder": None,
-        "model": {"type": "WordLevel", "vocab": {name: i for i, name in names.items()}, "unk_token": "<unk>"},
-    }
-
-
-def _side_files(names: dict[int, str]) -> dict[str, dict]:
-    extra = {"image_token": "<image_soft_token>", "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>"}
-    tokenizer_config = {
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
-        "unk_token": "<unk>", **extra, "extra_special_tokens": extra,
-        "model_max_length": 1 << 20, "add_bos_token": False, "add_eos_token": False,
-    }
+def _side_files(config) -> dict[str, dict]:  # noqa: ANN001 (a Gemma3Config)
+    names = token_names(config.get_text_config().vocab_size,
+                        {name: getattr(config, attr) if attr else None for name, attr in SPECIAL_TOKENS.items()})
+    named = {"image_token": "<image_soft_token>", "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>"}
     image_processor = {
         "image_processor_type": "Gemma3ImageProcessor", "processor_class": "Gemma3Processor",
         "do_resize": True, "size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE}, "resample": 2,
@@ -86,12 +55,8 @@ def _side_files(names: dict[int, str]) -> dict[str, dict]:
         "pan_and_scan_min_ratio_to_activate": 1.2,
     }
     return {
-        "tokenizer.json": _tokenizer_json(names), "tokenizer_config.json": tokenizer_config,
-        "special_tokens_map.json": {k: tokenizer_config[k] for k in ("bos_token", "eos_token", "pad_token",
-                                                                      "unk_token")},
-        "preprocessor_config.json": image_processor,
+        **tokenizer_files(names, named), "preprocessor_config.json": image_processor,
         "processor_config.json": {"processor_class": "Gemma3Processor", "image_seq_length": IMAGE_TOKENS},
-        "generation_config.json": {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0},
     }
 
 
@@ -109,8 +74,9 @@ def prepare_gemma3_dir(target: str | Path, *, seed: int = 0, **text_overrides) -
         raise AssertionError("the tiny gemma3 family's vision tower changed: update tiny_gemma3's processor sizes")
     config.architectures = ["Gemma3ForConditionalGeneration"]
     config.save_pretrained(target)
-    tensors = {_vllm_name(name): tensor.detach().clone().contiguous() for name, tensor in model.state_dict().items()}
-    save_file(tensors, str(target / "model.safetensors"), metadata={"format": "pt"})
-    for name, payload in _side_files(_token_names(config)).items():
-        (target / name).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    state = model.state_dict()
+    names = rename_vision_keys(list(state), tower=_VISION)
+    save_file({names[k]: v.detach().clone().contiguous() for k, v in state.items()}, str(target / "model.safetensors"),
+              metadata={"format": "pt"})
+    write_files(target, _side_files(config))
     return target

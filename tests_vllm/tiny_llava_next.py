@@ -23,11 +23,13 @@ one image-newline feature.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+from csp_compile.vllm.model_dir import rename_vision_keys
+from tiny_dir_files import token_names, tokenizer_files, write_files
 
 __all__ = ["IMAGE_TOKEN", "PATCH", "PINPOINTS", "TILE", "best_pinpoint", "image_tokens", "prepare_llava_next_dir",
            "unpadded_grid"]
@@ -36,7 +38,6 @@ TILE, PATCH = 16, 4  # the CLIP tower's image size and patch size: 4 x 4 feature
 PINPOINTS = [[16, 32], [32, 16], [32, 32], [16, 48], [48, 16], [48, 48]]  # (height, width) of the tile grids
 VOCAB = 512
 IMAGE_TOKEN = "<image>"
-_LOW = {0: "<pad>", 1: "<s>", 2: "</s>", 3: "<unk>"}
 _CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 _CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 TEXT = dict(model_type="llama", vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
@@ -90,37 +91,7 @@ def _config():  # noqa: ANN202 (a LlavaNextConfig)
             "LlavaNextForConditionalGeneration"])
 
 
-def _tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict under the names vLLM maps (CLIP tower with its ``vision_model`` level)."""
-    tower = "model.vision_tower."
-    out = {}
-    for name, tensor in model.state_dict().items():
-        if name.startswith(tower) and not name.startswith(tower + "vision_model."):
-            name = tower + "vision_model." + name[len(tower):]
-        out[name] = tensor.detach().clone().contiguous()
-    return out
-
-
-def _tokenizer_json(image_id: int) -> dict:
-    names = {i: f"w{i}" for i in range(VOCAB)}
-    names.update(_LOW)
-    names[image_id] = IMAGE_TOKEN
-    special = sorted([*_LOW, image_id])
-    return {
-        "version": "1.0", "truncation": None, "padding": None,
-        "added_tokens": [{"id": i, "content": names[i], "single_word": False, "lstrip": False, "rstrip": False,
-                          "normalized": False, "special": True} for i in special],
-        "normalizer": None, "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": None, "decoder": None,
-        "model": {"type": "WordLevel", "vocab": {name: i for i, name in names.items()}, "unk_token": "<unk>"},
-    }
-
-
 def _side_files(image_id: int) -> dict[str, dict]:
-    tokenizer_config = {
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
-        "unk_token": "<unk>", "image_token": IMAGE_TOKEN, "extra_special_tokens": {"image_token": IMAGE_TOKEN},
-        "model_max_length": 1 << 20, "add_bos_token": False, "add_eos_token": False,
-    }
     image_processor = {
         "image_processor_type": "LlavaNextImageProcessor", "processor_class": "LlavaNextProcessor",
         "do_resize": True, "size": {"shortest_edge": TILE}, "resample": 3, "do_center_crop": True,
@@ -131,11 +102,8 @@ def _side_files(image_id: int) -> dict[str, dict]:
     processor = {"processor_class": "LlavaNextProcessor", "patch_size": PATCH, "image_token": IMAGE_TOKEN,
                  "vision_feature_select_strategy": "default", "num_additional_image_tokens": 1}
     return {
-        "tokenizer.json": _tokenizer_json(image_id), "tokenizer_config.json": tokenizer_config,
-        "special_tokens_map.json": {k: tokenizer_config[k] for k in ("bos_token", "eos_token", "pad_token",
-                                                                      "unk_token")},
+        **tokenizer_files(token_names(VOCAB, {IMAGE_TOKEN: image_id}), {"image_token": IMAGE_TOKEN}),
         "preprocessor_config.json": image_processor, "processor_config.json": processor,
-        "generation_config.json": {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0},
     }
 
 
@@ -155,7 +123,9 @@ def prepare_llava_next_dir(target: str | Path, *, seed: int = 0) -> Path:
                 if (param.dim() >= 2 or name.endswith("image_newline")) and not param.any():
                     param.normal_(0.0, config.text_config.initializer_range)
     config.save_pretrained(target)
-    save_file(_tensors(model), str(target / "model.safetensors"), metadata={"format": "pt"})
-    for name, payload in _side_files(config.image_token_id).items():
-        (target / name).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    state = model.state_dict()  # saved with the CLIP tower's vision_model level, which vLLM maps
+    names = rename_vision_keys(list(state), tower="model.vision_tower.")
+    save_file({names[k]: v.detach().clone().contiguous() for k, v in state.items()}, str(target / "model.safetensors"),
+              metadata={"format": "pt"})
+    write_files(target, _side_files(config.image_token_id))
     return target

@@ -23,11 +23,12 @@ vLLM expands the one ``<|image_pad|>`` to ``image_tokens(height, width)`` tokens
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 from safetensors.torch import save_file
+
+from tiny_dir_files import token_names, tokenizer_files, write_files
 
 __all__ = ["MAX_PIXELS", "MIN_PIXELS", "SPECIAL_TOKENS", "TEXT_DEFAULTS", "image_tokens", "prepare_qwen2_vl_dir"]
 
@@ -36,7 +37,6 @@ MIN_PIXELS, MAX_PIXELS = 64, 1024
 SPECIAL_TOKENS = {"<|image_pad|>": "image_token_id", "<|video_pad|>": "video_token_id",
                   "<|vision_start|>": "vision_start_token_id", "<|vision_end|>": "vision_end_token_id",
                   "<|vision_pad|>": None, "<|im_start|>": None, "<|im_end|>": None}
-_LOW = {0: "<pad>", 1: "<s>", 2: "</s>", 3: "<unk>"}
 _CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 _CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 _PATCH, _MERGE, _TEMPORAL = 2, 2, 2  # the tiny family's vision tower (csp_compile.tiny_vlms)
@@ -60,35 +60,9 @@ def image_tokens(height: int, width: int, min_pixels: int = MIN_PIXELS, max_pixe
     return (h // factor) * (w // factor)
 
 
-def _token_names(config) -> dict[int, str]:  # noqa: ANN001 (a Qwen2VLConfig)
-    vocab = config.get_text_config().vocab_size
-    names = {i: f"w{i}" for i in range(vocab)}
-    names.update(_LOW)
-    taken = {getattr(config, attr) for attr in SPECIAL_TOKENS.values() if attr}
-    free = (i for i in range(vocab - 1, len(_LOW) - 1, -1) if i not in taken)
-    for name, attr in SPECIAL_TOKENS.items():
-        names[getattr(config, attr) if attr else next(free)] = name
-    return names
-
-
-def _tokenizer_json(names: dict[int, str]) -> dict:
-    special = [i for i, name in names.items() if name.startswith("<")]
-    return {
-        "version": "1.0", "truncation": None, "padding": None,
-        "added_tokens": [{"id": i, "content": names[i], "single_word": False, "lstrip": False, "rstrip": False,
-                          "normalized": False, "special": True} for i in sorted(special)],
-        "normalizer": None, "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": None, "decoder": None,
-        "model": {"type": "WordLevel", "vocab": {name: i for i, name in names.items()}, "unk_token": "<unk>"},
-    }
-
-
-def _side_files(names: dict[int, str], min_pixels: int, max_pixels: int) -> dict[str, dict]:
-    tokenizer_config = {
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
-        "unk_token": "<unk>", "image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
-        "extra_special_tokens": {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
-        "model_max_length": 1 << 20, "add_bos_token": False, "add_eos_token": False,
-    }
+def _side_files(config, min_pixels: int, max_pixels: int) -> dict[str, dict]:  # noqa: ANN001 (a Qwen2VLConfig)
+    names = token_names(config.get_text_config().vocab_size,
+                        {name: getattr(config, attr) if attr else None for name, attr in SPECIAL_TOKENS.items()})
     vision = {
         "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
         "do_convert_rgb": True, "image_mean": _CLIP_MEAN, "image_std": _CLIP_STD,
@@ -98,12 +72,9 @@ def _side_files(names: dict[int, str], min_pixels: int, max_pixels: int) -> dict
         "processor_class": "Qwen2VLProcessor",
     }
     return {
-        "tokenizer.json": _tokenizer_json(names), "tokenizer_config.json": tokenizer_config,
-        "special_tokens_map.json": {k: tokenizer_config[k] for k in ("bos_token", "eos_token", "pad_token",
-                                                                      "unk_token")},
+        **tokenizer_files(names, {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"}),
         "preprocessor_config.json": {"image_processor_type": "Qwen2VLImageProcessor", **vision},
         "video_preprocessor_config.json": {"video_processor_type": "Qwen2VLVideoProcessor", **vision},
-        "generation_config.json": {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0},
     }
 
 
@@ -125,6 +96,5 @@ def prepare_qwen2_vl_dir(target: str | Path, *, seed: int = 0, min_pixels: int =
     config.save_pretrained(target)
     tensors = {name: tensor.detach().clone().contiguous() for name, tensor in model.state_dict().items()}
     save_file(tensors, str(target / "model.safetensors"), metadata={"format": "pt"})
-    for name, payload in _side_files(_token_names(config), min_pixels, max_pixels).items():
-        (target / name).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    write_files(target, _side_files(config, min_pixels, max_pixels))
     return target

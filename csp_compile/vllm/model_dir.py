@@ -15,45 +15,43 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Iterable, Mapping
 
 from safetensors.torch import load_file, save_file
 
 from csp_compile.data.lookup import IMAGE_SIZE, PATCH_SIZE, VOCAB, token_name
 
-__all__ = ["IMAGE_TOKEN", "prepare_model_dir", "rename_vision_keys"]
+__all__ = ["IMAGE_TOKEN", "prepare_model_dir", "rename_vision_keys", "word_level_tokenizer"]
 
 IMAGE_TOKEN = token_name(VOCAB.image)  # "<img>"
 _VISION = "vision_tower."
 
 
-def rename_vision_keys(names: list[str]) -> dict[str, str]:
-    """Old name -> vLLM name for every tensor name: ``vision_tower.X`` becomes
-    ``vision_tower.vision_model.X`` unless it already has that level; other names are unchanged."""
+def rename_vision_keys(names: list[str], tower: str = _VISION) -> dict[str, str]:
+    """Old name -> vLLM name for every tensor name: ``<tower>X`` becomes ``<tower>vision_model.X``
+    unless it already has that level; other names are unchanged."""
     renamed = {}
     for name in names:
-        if name.startswith(_VISION) and not name.startswith(_VISION + "vision_model."):
-            renamed[name] = _VISION + "vision_model." + name[len(_VISION):]
+        if name.startswith(tower) and not name.startswith(tower + "vision_model."):
+            renamed[name] = tower + "vision_model." + name[len(tower):]
         else:
             renamed[name] = name
     return renamed
 
 
-def _tokenizer_json() -> dict:
-    vocab = {token_name(i): i for i in range(VOCAB.size)}
-    if len(vocab) != VOCAB.size:
-        raise AssertionError("token names of the task vocabulary are not unique")
-    special = [VOCAB.pad, VOCAB.bos, VOCAB.eos, VOCAB.image]
+def word_level_tokenizer(names: Mapping[int, str], special: Iterable[int], unk: str, added: Iterable[int] = ()) -> dict:
+    """The ``tokenizer.json`` of a ``tokenizers`` WordLevel model over ``names`` (id -> token; input
+    split on whitespace): ``special`` ids are special added tokens, ``added`` ids plain added ones."""
+    vocab = {name: i for i, name in names.items()}
+    if len(vocab) != len(names):
+        raise AssertionError("token names are not unique")
+    special = set(special)
     return {
-        "version": "1.0",
-        "truncation": None,
-        "padding": None,
-        "added_tokens": [{"id": i, "content": token_name(i), "single_word": False, "lstrip": False, "rstrip": False,
-                          "normalized": False, "special": True} for i in special],
-        "normalizer": None,
-        "pre_tokenizer": {"type": "WhitespaceSplit"},
-        "post_processor": None,
-        "decoder": None,
-        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": token_name(VOCAB.pad)},
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [{"id": i, "content": names[i], "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": i in special} for i in sorted(special | set(added))],
+        "normalizer": None, "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": None, "decoder": None,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": unk},
     }
 
 
@@ -73,7 +71,9 @@ def _side_files() -> dict[str, dict]:
     }
     processor = {"processor_class": "LlavaProcessor", "patch_size": PATCH_SIZE, "image_token": IMAGE_TOKEN,
                  "vision_feature_select_strategy": "default", "num_additional_image_tokens": 1}
-    return {"tokenizer.json": _tokenizer_json(), "tokenizer_config.json": tokenizer_config,
+    tokenizer = word_level_tokenizer({i: token_name(i) for i in range(VOCAB.size)},
+                                     special=[VOCAB.pad, VOCAB.bos, VOCAB.eos, VOCAB.image], unk=token_name(VOCAB.pad))
+    return {"tokenizer.json": tokenizer, "tokenizer_config.json": tokenizer_config,
             "special_tokens_map.json": {k: tokenizer_config[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token")},
             "preprocessor_config.json": preprocessor, "processor_config.json": processor}
 
