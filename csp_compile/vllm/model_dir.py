@@ -3,8 +3,9 @@
 vLLM 0.32's Llava loads the CLIP tower as ``vision_tower.vision_model.*``; checkpoints saved by
 transformers >= 5.24 name it ``vision_tower.*``. The shipped model also has no tokenizer (the task
 works on token ids): this writes a WordLevel tokenizer over the task vocabulary (``token_name``
-of every id) and a CLIP image processor that passes the task's (3, 32, 32) float images through
-unchanged (no resize, crop, rescale or normalisation; patch size 4, 64 image tokens).
+of every id), a chat template for vLLM's chat API (``CHAT_TEMPLATE``) and a CLIP image processor
+that passes the task's (3, 32, 32) float images through unchanged (no resize, crop, rescale or
+normalisation; patch size 4, 64 image tokens).
 
 Only ``tokenizers``, ``safetensors`` and the task data are imported: this runs under the vLLM
 environment's transformers (< 5.20) as well as the main one.
@@ -21,10 +22,19 @@ from safetensors.torch import load_file, save_file
 
 from csp_compile.data.lookup import IMAGE_SIZE, PATCH_SIZE, VOCAB, token_name
 
-__all__ = ["IMAGE_TOKEN", "prepare_model_dir", "rename_vision_keys", "word_level_tokenizer"]
+__all__ = ["CHAT_TEMPLATE", "IMAGE_TOKEN", "prepare_model_dir", "rename_vision_keys", "word_level_tokenizer"]
 
 IMAGE_TOKEN = token_name(VOCAB.image)  # "<img>"
 _VISION = "vision_tower."
+# <bos>, then every message's parts in order: an image part as the image token (vLLM expands it to
+# the image's 64 tokens), a text part as its text (task token names separated by spaces). No roles:
+# the task has one turn.
+CHAT_TEMPLATE = (
+    "{{- bos_token -}}{%- for message in messages -%}{%- if message['content'] is string -%}"
+    "{{- ' ' + message['content'] -}}{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'text' -%}{{- ' ' + part['text'] -}}{%- else -%}{{- ' " + IMAGE_TOKEN + "' -}}"
+    "{%- endif -%}{%- endfor -%}{%- endif -%}{%- endfor -%}"
+)
 
 
 def rename_vision_keys(names: list[str], tower: str = _VISION) -> dict[str, str]:
@@ -60,7 +70,7 @@ def _side_files() -> dict[str, dict]:
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": token_name(VOCAB.bos),
         "eos_token": token_name(VOCAB.eos), "pad_token": token_name(VOCAB.pad), "unk_token": token_name(VOCAB.pad),
         "image_token": IMAGE_TOKEN, "extra_special_tokens": {"image_token": IMAGE_TOKEN},
-        "model_max_length": 1 << 20, "add_bos_token": False, "add_eos_token": False,
+        "model_max_length": 1 << 20, "add_bos_token": False, "add_eos_token": False, "chat_template": CHAT_TEMPLATE,
     }
     preprocessor = {
         "image_processor_type": "CLIPImageProcessor", "processor_class": "LlavaProcessor",
