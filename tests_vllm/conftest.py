@@ -25,6 +25,14 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def qwen_dir(tmp_path_factory):
+    """The tiny Qwen2-VL's directory (``tiny_qwen2_vl``), written once for its image and video tests."""
+    from tiny_qwen2_vl import prepare_qwen2_vl_dir
+
+    return prepare_qwen2_vl_dir(tmp_path_factory.mktemp("tiny_qwen2_vl_vllm"))
+
+
+@pytest.fixture(scope="session")
 def test_split():
     """(prompts, answers) of the first 200 test-split examples (what `csp-compile eval --n 200` uses)."""
     examples = make_dataset(200, "test")

@@ -24,7 +24,7 @@ from csp_compile.vllm.engine import greedy
 from csp_compile.vllm.modality import modality_ids
 from engine_steps import engine_per_config, fed_to_model, prefill_and_record
 from kept_cache import assert_kept_equal_select_kept
-from tiny_qwen2_vl import MAX_PIXELS, MIN_PIXELS, image_tokens, prepare_qwen2_vl_dir
+from tiny_qwen2_vl import MAX_PIXELS, MIN_PIXELS, image_tokens
 
 CONFIG = CSPConfig(budget=0.2, window=8)
 FULL = CSPConfig(budget=1.0, window=8)
@@ -33,11 +33,6 @@ FULL = CSPConfig(budget=1.0, window=8)
 REQUESTS = [((16, 16), 5, 40), ((20, 28), 17, 30), ((8, 12), 30, 24), ((40, 40), 9, 36)]
 LAYERS = 2
 ENGINE_ARGS = dict(limit_mm_per_prompt={"image": 1, "video": 0}, max_model_len=512)
-
-
-@pytest.fixture(scope="module")
-def qwen_dir(tmp_path_factory):
-    return prepare_qwen2_vl_dir(tmp_path_factory.mktemp("tiny_qwen2_vl_vllm"))
 
 
 @pytest.fixture(scope="module")

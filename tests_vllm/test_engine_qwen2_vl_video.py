@@ -34,7 +34,7 @@ from csp_compile.vllm.engine import greedy
 from csp_compile.vllm.modality import MODALITY_IDS, modality_ids
 from engine_steps import engine_per_config, fed_to_model, prefill_and_record
 from kept_cache import assert_kept_equal_select_kept
-from tiny_qwen2_vl import image_tokens, prepare_qwen2_vl_dir
+from tiny_qwen2_vl import image_tokens
 
 CONFIG = CSPConfig(budget=0.2, window=8)
 FULL = CSPConfig(budget=1.0, window=8)
@@ -54,11 +54,6 @@ REQUESTS = [
     [4, ("video", 4, 20, 28), 6, ("video", 2, 8, 16), 28],
 ]
 ENGINE_ARGS = dict(limit_mm_per_prompt={"image": 1, "video": 2}, max_model_len=512)
-
-
-@pytest.fixture(scope="module")
-def qwen_dir(tmp_path_factory):
-    return prepare_qwen2_vl_dir(tmp_path_factory.mktemp("tiny_qwen2_vl_video_vllm"))
 
 
 @pytest.fixture(scope="module")
