@@ -28,6 +28,7 @@ __all__ = [
     "mark_dynamic_length",
     "module_stack_entries",
     "new_placeholder_source",
+    "realized_once",
     "sdpa_picks_flash",
 ]
 
@@ -93,6 +94,15 @@ def mark_dynamic_length(tensor: torch.Tensor, dim: int) -> None:
     torch._dynamo.maybe_mark_dynamic(tensor, dim)
 
 
+def realized_once(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``, equal; in a graph Inductor compiles, written into one buffer that every user reads.
+    Inductor otherwise recomputes an unrealized pointwise into a new buffer for each custom-op user
+    (``prims.inductor_force_stride_order`` is lowered to one realized buffer of those strides)."""
+    import torch._inductor.inductor_prims  # noqa: F401  (registers the prim)
+
+    return torch.ops.prims.inductor_force_stride_order.default(tensor, tensor.stride())
+
+
 # --- SDPA kernels -------------------------------------------------------------------------------------
 
 def sdpa_picks_flash(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, **kwargs: Any) -> bool:
@@ -104,7 +114,8 @@ def flash_attention_cpu_with_lse(query: torch.Tensor, key: torch.Tensor, value: 
                                  attn_mask: torch.Tensor | None, is_causal: bool,
                                  scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
     """SDPA's CPU flash kernel (``aten._scaled_dot_product_flash_attention_for_cpu``): (output, row
-    log-sum-exp (b, h, L)). K/V with as many heads as Q; a mask additive, of the query's dtype."""
+    log-sum-exp (b, h, L)). K/V with as many heads as Q; a mask additive, of the query's dtype; the kernel
+    takes a mask and ``is_causal`` together (a (b, 1, 1, L) row of padding keys: ``csp::attention``)."""
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         query, key, value, 0.0, is_causal, attn_mask=attn_mask, scale=scale)
 

@@ -4,8 +4,8 @@
 n-softmax normaliser of the window rows, so the scoring need not reduce over L again; it does when the
 model passed SDPA no mask, as that kernel's normaliser would count left-padding keys).
 ``csp::select_reference`` runs ``prefill_selection`` eagerly for the policies that cannot be traced
-(their config travels as one encoded string, ``config_to_op_arg``). ``csp::shared_mask`` gives the
-layers of a graph one copy of a bool mask. See ``passes.evict_prefill`` for where each is used.
+(their config travels as one encoded string, ``config_to_op_arg``). The layers of a graph share one
+uint8 copy of a bool mask (``shared_mask_graph``). See ``passes.evict_prefill`` for where each is used.
 
 Shapes: ``b`` batch, ``hq`` query heads, ``hkv`` KV heads, ``L`` padded prompt length, ``D`` head dim,
 ``P`` = ``kept_slots(L, config)``.
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from csp_compile.adaptive import is_adaptive
 from csp_compile.config import CSPConfig
-from csp_compile.internals import flash_attention_cpu_with_lse, sdpa_picks_flash
+from csp_compile.internals import flash_attention_cpu_with_lse, realized_once, sdpa_picks_flash
 from csp_compile.scoring import AttentionInputs, default_scale, masked_scores
 from csp_compile.templates.prefill_selection import kept_slots, prefill_selection, selection_mask
 
@@ -53,32 +53,19 @@ def config_from_op_arg(text: str) -> CSPConfig:
 # --- the bool mask every layer shares ----------------------------------------------------------
 
 def mask_is_causal_graph(attn_mask: torch.Tensor) -> torch.Tensor:
-    """0-d bool tensor: whether the bool ``attn_mask`` (..., Lq, Lkv) is exactly SDPA's ``is_causal`` mask
-    (``ones(Lq, Lkv).tril()``, top-left aligned). Pure torch ops: the rewrite traces it once per forward and
-    Inductor compiles it to one vectorised reduction (~10 ms at L = 4096 on one core)."""
-    return torch.eq(attn_mask, torch.tril(torch.ones_like(attn_mask))).all()
-
-
-@torch.library.custom_op("csp::shared_mask", mutates_args=(), device_types=None)
-def shared_mask_op(mask_bytes: torch.Tensor) -> torch.Tensor:
-    """A bool mask stored as uint8 (0/1), returned as a new contiguous bool tensor (a bit-exact copy)."""
-    out = torch.empty(mask_bytes.shape, dtype=torch.bool, device=mask_bytes.device)
-    return out.copy_(mask_bytes.view(torch.bool))
-
-
-@shared_mask_op.register_fake
-def _shared_mask_fake(mask_bytes):
-    return torch.empty(mask_bytes.shape, dtype=torch.bool, device=mask_bytes.device)
+    """0-d bool tensor: whether the bool ``attn_mask`` (..., Lq, Lkv) is SDPA's ``is_causal`` mask
+    (``ones(Lq, Lkv).tril()``, top-left aligned) restricted to the keys its last query row attends, i.e.
+    causal apart from padding keys (left or right padding; all keys real: exactly causal). Pure torch ops:
+    the rewrite traces it once per forward and Inductor fuses it into one reduction over the mask."""
+    return torch.eq(attn_mask, torch.tril(torch.ones_like(attn_mask)) & attn_mask[..., -1:, :]).all()
 
 
 def shared_mask_graph(attn_mask: torch.Tensor) -> torch.Tensor:
-    """The bool ``attn_mask``, equal, as one buffer that every rewritten layer of a graph reads.
-
-    Inductor would otherwise write the (b, 1, L, L) mask once per ``csp::attention`` (an opaque op's
-    input is copied out per user when it is an unrealized pointwise), with its slow vectorised bool
-    stores (~95 ms per 4096 x 4096 copy on one core): here Inductor writes it once as uint8 (~4x faster)
-    and ``csp::shared_mask`` turns that into bool with one memcpy-like copy."""
-    return torch.ops.csp.shared_mask(attn_mask.to(torch.uint8))
+    """The bool ``attn_mask`` as one uint8 (0/1) buffer that every rewritten layer of a graph reads
+    (``csp::attention`` views it as bool, no copy). Inductor would otherwise write the mask once per
+    ``csp::attention``, and a bool one with its slow vectorised bool stores (~95 ms per 4096 x 4096 copy on
+    one core); uint8 it writes about 4x faster."""
+    return realized_once(attn_mask.to(torch.uint8))
 
 
 # --- attention with its log-sum-exp --------------------------------------------------------------
@@ -139,35 +126,41 @@ def attention_op(
     row is never in a window, and the scoring drops rows outside each sequence's window).
 
     query (b, hq, L, D); key/value (b, hkv, L, D) before any GQA repeat; attn_mask / scale / is_causal
-    exactly as the model passes them to SDPA; enable_gqa as the model's SDPA call (else the model
-    repeated K/V first: the op repeats them the same way). The output is bit-identical to the model's
-    call: on CPU, where SDPA picks its flash kernel, the op calls that kernel itself (with SDPA's
-    bool-to-additive mask conversion) and keeps its log-sum-exp; elsewhere it calls SDPA and computes
-    the rows' log-sum-exp in O(rows x L). mask_is_causal: optional 0-d bool tensor, True when
-    ``attn_mask`` is exactly SDPA's causal mask (``mask_is_causal_graph``): on CPU the attention then
-    runs with ``is_causal=True`` instead of the mask, bit-identical (the flash kernel serves both) and
-    it skips the blocks above the diagonal. Not on CUDA, where the two select different kernels.
-    after: tensors the op ignores, passed only to order it after their producers (the previous layer's
-    gathered K/V, so Inductor frees that layer's whole K/V before this attention allocates).
+    exactly as the model passes them to SDPA, except that a bool mask may come as its uint8 (0/1) bytes
+    (``shared_mask_graph``); enable_gqa as the model's SDPA call (else the model repeated K/V first: the
+    op repeats them the same way). The output is bit-identical to the model's call: on CPU, where SDPA
+    picks its flash kernel, the op calls that kernel itself (with SDPA's bool-to-additive mask
+    conversion) and keeps its log-sum-exp; elsewhere it calls SDPA and computes the rows' log-sum-exp in
+    O(rows x L). mask_is_causal: optional 0-d bool tensor, True when the bool ``attn_mask`` is causal apart
+    from padding keys (``mask_is_causal_graph``): on CPU the flash kernel then runs with ``is_causal=True``
+    and, if some keys are padding, an additive (b, 1, 1, L) mask of them, in place of the (b, 1, L, L)
+    mask: bit-identical, and it skips the blocks above the diagonal. Not on CUDA, where the two select
+    different kernels. after: tensors the op ignores, passed only to order it after their producers (the
+    previous layer's gathered K/V, so Inductor frees that layer's whole K/V before this attention allocates).
     """
     _check(query, key, value)
     n_rep = query.shape[1] // key.shape[1]
     length = query.shape[2]
     rows = min(lse_rows, length)
+    if attn_mask is not None and attn_mask.dtype == torch.uint8:
+        attn_mask = attn_mask.view(torch.bool)
+    kernel_mask, kernel_causal, key_padding = attn_mask, is_causal, None
     if attn_mask is not None and mask_is_causal is not None and query.device.type == "cpu" and bool(mask_is_causal):
-        attn_mask, is_causal = None, True
+        kept_keys = attn_mask[..., -1:, :]  # what the last row attends: every key that is not padding
+        kernel_mask, kernel_causal = None, True
+        key_padding = None if bool(kept_keys.all()) else kept_keys
     gqa = {"enable_gqa": True} if enable_gqa and n_rep > 1 else {}
     full_key, full_value = _repeat_kv(key, n_rep), _repeat_kv(value, n_rep)
     attn_key, attn_value = (key, value) if gqa else (full_key, full_value)  # what the model's SDPA call gets
-    flash = sdpa_picks_flash(query, attn_key, attn_value, attn_mask=attn_mask, dropout_p=0.0, is_causal=is_causal,
-                             scale=scale, **gqa)
-    same_dtype_mask = attn_mask is None or attn_mask.dtype in (torch.bool, query.dtype)
+    flash = sdpa_picks_flash(query, attn_key, attn_value, attn_mask=kernel_mask, dropout_p=0.0,
+                             is_causal=kernel_causal, scale=scale, **gqa)
+    same_dtype_mask = kernel_mask is None or kernel_mask.dtype in (torch.bool, query.dtype)
     if query.device.type == "cpu" and flash and same_dtype_mask:
-        mask = attn_mask
+        mask = kernel_mask if key_padding is None else key_padding
         if mask is not None and mask.dtype == torch.bool:  # what SDPA does with a bool mask
             mask = torch.zeros(mask.shape, dtype=query.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
-        output, lse = flash_attention_cpu_with_lse(query, full_key, full_value, attn_mask=mask, is_causal=is_causal,
-                                                   scale=scale)
+        output, lse = flash_attention_cpu_with_lse(query, full_key, full_value, attn_mask=mask,
+                                                   is_causal=kernel_causal, scale=scale)
         lse = lse[:, :, length - rows:].to(_lse_dtype(query.dtype))
     else:
         output = F.scaled_dot_product_attention(query, attn_key, attn_value, attn_mask=attn_mask, dropout_p=0.0,

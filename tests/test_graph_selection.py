@@ -186,9 +186,9 @@ def test_choice(monkeypatch):
         choose_scoring("csp")
 
 
-def float_buffers(code):
-    """Shapes of the float buffers a generated Inductor module allocates."""
-    found = re.findall(r"empty_strided_cpu\(\(([^)]*)\), \([^)]*\), torch\.(float\w*)\)", code)
+def buffers(code, dtypes=r"float\w*"):
+    """Shapes of the buffers of ``dtypes`` (a regex) a generated Inductor module allocates."""
+    found = re.findall(r"empty_strided_cpu\(\(([^)]*)\), \([^)]*\), torch\.(" + dtypes + r")\)", code)
     return [tuple(int(d) for d in shape.split(",") if d.strip()) for shape, _ in found]
 
 
@@ -197,7 +197,7 @@ def test_compiled_prefill_scores_in_inductor_kernels_and_no_l_by_l_buffer():
     """torchao style: in the generated code of an optimised model's prefill, the attention is the one
     opaque op (``csp.attention``); the window scores are Inductor's own (a bmm of the (b, hq, W, L) =
     (1, 4, 4, 57) window block and generated kernels computing exp over it), no eager selection op
-    runs, and no float buffer anywhere is L x L. L = 57 (57 * 57 = 3249)."""
+    runs, no float buffer anywhere is L x L, and the layers share one uint8 L x L mask. L = 57 (57 * 57 = 3249)."""
     model = build_tiny_vlm("llava")
     inputs = make_inputs(model, batch=1, text_len=41)
     length = inputs["input_ids"].shape[1]
@@ -213,5 +213,7 @@ def test_compiled_prefill_scores_in_inductor_kernels_and_no_l_by_l_buffer():
     FileCheck().check("torch.ops.csp.attention.default").check("extern_kernels.bmm").check("(1, 4, 4, 57)") \
         .check("exp").run(code)
     for c in codes:
-        assert not [s for s in float_buffers(c) if s[-2:] == (length, length)], float_buffers(c)
+        assert not [s for s in buffers(c) if s[-2:] == (length, length)], buffers(c)
+    # the layers share one uint8 copy of the attention mask (csp::attention views it as bool)
+    assert [s for s in buffers(code, "uint8|bool") if s[-2:] == (length, length)] == [(1, 1, length, length)]
     assert all(k is not None and k.shape[-1] == 11 for k in csp_compile.kept_positions(model))

@@ -111,6 +111,57 @@ def test_cpu_flash_kernel_is_what_sdpa_runs_and_returns_the_row_lse(dtype):
                                rtol=1e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_flash_kernel_takes_is_causal_with_a_padding_key_row(dtype):
+    """``csp::attention``'s padded-batch shortcut: the kernel run with ``is_causal=True`` and an additive
+    (b, 1, 1, L) row of the padding keys equals it run with the whole (b, 1, L, L) causal-and-padding
+    mask, bit for bit (several key blocks; left, right and all-but-one padding)."""
+    gen = torch.Generator().manual_seed(0)
+    length = 700
+    q, k, v = (torch.randn(3, 2, length, 32, generator=gen).to(dtype) for _ in range(3))
+    keys = torch.ones(3, length, dtype=torch.bool)
+    keys[0, :37], keys[1, 650:], keys[2, :-1] = False, False, False
+    mask = torch.ones(length, length, dtype=torch.bool).tril()[None, None] & keys[:, None, None, :]
+
+    def additive(m):
+        return torch.zeros(m.shape, dtype=dtype).masked_fill(~m, float("-inf"))
+
+    full = internals.flash_attention_cpu_with_lse(q, k, v, attn_mask=additive(mask), is_causal=False, scale=0.2)
+    row = internals.flash_attention_cpu_with_lse(q, k, v, attn_mask=additive(keys[:, None, None, :]), is_causal=True,
+                                                 scale=0.2)
+    assert torch.equal(full[0], row[0]) and torch.equal(full[1], row[1])
+
+
+@torch.library.custom_op("csp_test::mask_reader", mutates_args=())
+def _mask_reader(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return x * mask.sum()
+
+
+@_mask_reader.register_fake
+def _mask_reader_fake(mask, x):
+    return torch.empty_like(x)
+
+
+@pytest.mark.parametrize("once", [False, True])
+def test_realized_once_gives_custom_op_users_one_buffer(once):
+    """Inductor recomputes an unrealized pointwise into a new buffer for each custom-op user, unless the
+    tensor went through ``realized_once`` (the rewrite's shared attention mask relies on it)."""
+    from torch._inductor.utils import run_and_get_code
+
+    def f(x):
+        mask = (x[:, None] > x[None, :]).to(torch.uint8)
+        if once:
+            mask = internals.realized_once(mask)
+        return _mask_reader(mask, x) + _mask_reader(mask, 2 * x) + mask[-2:].sum()
+
+    torch._dynamo.reset()
+    x = torch.randn(64)
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        out, codes = run_and_get_code(torch.compile(f, fullgraph=True), x)
+    assert torch.equal(out, f(x))
+    assert codes[0].count("torch.uint8)") == (1 if once else 2)
+
+
 def test_sliding_layer_types_are_named_sliding():
     from transformers import Gemma3TextConfig
 

@@ -1,5 +1,5 @@
 """The prefill graph's pieces: ``csp::attention`` (the model's attention + window log-sum-exp),
-``prefill_selection`` (traced by Inductor, or eager in ``csp::select_reference``), the shared mask."""
+``prefill_selection`` (traced by Inductor, or eager in ``csp::select_reference``), the shared mask and its causal flag."""
 
 import pytest
 import torch
@@ -139,20 +139,17 @@ def test_selection_is_select_kept_in_the_cache_layout(case, carrier):
         assert set(indices[bi][indices[bi] >= 0].tolist()) <= real
 
 
-@pytest.mark.parametrize("pads", [(0, 0), (0, 5)])
+@pytest.mark.parametrize("pads", [(0, 0), (0, 5), (7, 2), (23, 0)])
 @pytest.mark.parametrize("hkv, enable_gqa", [(2, False), (2, True), (4, False)])
 def test_shared_mask_and_causal_flag_are_bit_identical(pads, hkv, enable_gqa):
-    """What the rewrite passes for a bool mask: one shared copy of it and a flag whether it is exactly
-    causal (then the attention runs with is_causal=True, not the mask). Output and lse equal the op with
-    the model's own mask, bit for bit; a mask with padding is not causal."""
+    """What the rewrite passes for a bool mask: one shared uint8 copy of it and a flag whether it is causal
+    apart from padding keys (then the attention runs with is_causal=True and a row of the padding keys, not
+    the mask). Output and lse equal the op with the model's own mask, bit for bit, whatever the flag says."""
     p = problem(length=70, hkv=hkv, pads=pads, dim=16)
     shared = shared_mask_graph(p["attn_mask"])
-    assert shared.dtype == torch.bool and shared.is_contiguous() and torch.equal(shared, p["attn_mask"])
-    flag = mask_is_causal_graph(shared)
-    assert flag.shape == () and bool(flag) == (pads == (0, 0))
-    assert bool(mask_is_causal_graph(torch.ones(1, 1, 5, 5, dtype=torch.bool).tril()))
-    assert not bool(mask_is_causal_graph(torch.ones(1, 1, 5, 5, dtype=torch.bool)))
-    assert not bool(mask_is_causal_graph(torch.ones(1, 1, 5, 5, dtype=torch.bool).tril(-1)))
+    assert shared.dtype == torch.uint8 and torch.equal(shared.bool(), p["attn_mask"])
+    flag = mask_is_causal_graph(p["attn_mask"])
+    assert flag.shape == () and bool(flag)
     reference = attention_with_lse(p["query"], p["key"], p["value"], lse_rows=4, attn_mask=p["attn_mask"],
                                    enable_gqa=enable_gqa)
     for mask_is_causal in (flag, torch.tensor(False), None):
@@ -162,10 +159,18 @@ def test_shared_mask_and_causal_flag_are_bit_identical(pads, hkv, enable_gqa):
             assert g.stride() == r.stride() and torch.equal(g, r)
 
 
-def test_shared_mask_opcheck():
-    mask = torch.ones(2, 1, 9, 9, dtype=torch.bool).tril().to(torch.uint8)
-    torch.library.opcheck(torch.ops.csp.shared_mask.default, (mask,),
-                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+def test_causal_flag_is_true_only_for_causal_masks_with_padding_keys():
+    causal = torch.ones(1, 1, 6, 6, dtype=torch.bool).tril()
+    keys = torch.tensor([False, False, True, True, True, True])
+    assert bool(mask_is_causal_graph(causal)) and bool(mask_is_causal_graph(causal & keys))
+    assert bool(mask_is_causal_graph(causal & keys.flip(0)))  # right padding
+    image_block = causal.clone()
+    image_block[..., 1:3, 1:3] = True  # a bidirectional image span (Gemma3)
+    unmasked_padding_rows = (causal & keys).clone()
+    unmasked_padding_rows[..., :2, :] = True  # fully masked rows unmasked (what some SDPA fixes do)
+    sliding = causal & ~torch.ones_like(causal).tril(-3)  # a sliding window of 3
+    for mask in (torch.ones_like(causal), causal.tril(-1), image_block, unmasked_padding_rows, sliding):
+        assert not bool(mask_is_causal_graph(mask))
 
 
 @pytest.mark.parametrize("prob, op_kwargs, config", CASES[:3] + CASES[-1:])

@@ -14,9 +14,9 @@ layer (graph outputs). Per site the rewrite emits, in place of the model's SDPA 
 Each site's kept indices, slot validity and last ``window`` query rows are appended as extra outputs,
 and the graph gains two inputs: the prompt's modality ids and 2-D padding mask. A bool attention mask
 shared by the sites is checked once per forward (``mask_is_causal_graph``, before its first site): when
-it is exactly causal the attention runs with ``is_causal=True`` (bit-identical, and it skips the blocks
-above the diagonal); and the sites share one materialised copy of the mask (``shared_mask_graph``)
-instead of Inductor writing it once per site. Decode graphs (the cache already held tokens) and
+it is causal apart from padding keys the attention runs with ``is_causal=True`` and a (b, 1, 1, L) mask
+of the padding keys (bit-identical, and it skips the blocks above the diagonal); and the sites share one
+materialised uint8 copy of the mask (``shared_mask_graph``) instead of Inductor writing it once per site. Decode graphs (the cache already held tokens) and
 layers whose cache is not a plain full-attention cat (sliding windows) are left alone.
 """
 
@@ -213,7 +213,7 @@ def _emit_attention(graph: fx.Graph, m: AttentionMatch, key: fx.Node, value: fx.
         if m.mask not in bool_masks:
             with graph.inserting_before(m.output):
                 shared = call_node(graph, shared_mask_graph, (m.mask,))
-                bool_masks[m.mask] = shared, call_node(graph, mask_is_causal_graph, (shared,))
+                bool_masks[m.mask] = shared, call_node(graph, mask_is_causal_graph, (m.mask,))
         mask, mask_is_causal = bool_masks[m.mask]
     with graph.inserting_before(m.output):
         attention = call_node(graph, ATTENTION_OP, (m.query, key, value, mask, m.scale, m.is_causal,
