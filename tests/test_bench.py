@@ -64,6 +64,10 @@ def test_quick_bench_writes_every_figure(quick_run):
     assert result["prompt_tokens"] == 192 and result["long_prompt_tokens"] == 256
     assert result["num_hidden_layers"] == 1 and result["threads"] == 1 and result["device"] == "cpu"
     assert 0.2 <= result["image_token_share"] <= 0.35
+    assert set(result["prefill_speedup_vs_eager"]) == {"image/192", "padded/192"}
+    for case, speedup in result["prefill_speedup_vs_eager"].items():
+        assert speedup > 0 and math.isclose(speedup, result["prefill_ms_eager"][case] / result["prefill_ms_csp"][case],
+                                            rel_tol=0.5)
 
 
 def test_quick_bench_measures_the_eviction(quick_run):
@@ -84,7 +88,7 @@ def test_quick_bench_prints_the_table(quick_run):
     proc, result = quick_run
     for key in FIGURES:
         assert key in proc.stdout
-    assert "target" in proc.stdout and "wall time" in proc.stdout
+    assert "target" in proc.stdout and "wall time" in proc.stdout and "vs eager" in proc.stdout
     assert "Traceback" not in proc.stderr
 
 

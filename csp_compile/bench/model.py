@@ -115,7 +115,8 @@ def bench_inputs(model: PreTrainedModel, length: int, *, image_share: float = 0.
 def padded_pair(model: PreTrainedModel, length: int, *, image_share: float = 0.3, pad: int | None = None,
                 device: str = "cpu") -> dict[str, torch.Tensor]:
     """A left-padded batch of two prompts of ``length`` and ``length - pad`` tokens (default pad L / 8):
-    the attention mask is then not causal, so no one takes SDPA's causal shortcut."""
+    the attention mask is then not SDPA's causal one (``csp::attention`` runs it as causal plus a row of
+    padding keys; transformers' eager SDPA call runs the whole mask)."""
     pad = length // 8 if pad is None else pad
     first = bench_inputs(model, length, image_share=image_share, seed=0, device=device)
     second = bench_inputs(model, length - pad, image_share=image_share, seed=1, device=device)

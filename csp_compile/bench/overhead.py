@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 __all__ = ["CASES", "VARIANTS", "overhead_figures", "time_in_fresh_process", "time_rounds"]
 
-# text only (causal mask), image_share image tokens, a left-padded batch of 2 (not causal)
+# text only (causal mask), image_share image tokens, a left-padded batch of 2 (causal apart from padding keys)
 CASES = ("text", "image", "padded")
 VARIANTS = ("plain", "csp", "snapkv", "plain_copy")  # plain_copy: the A/A control
 _SETTINGS_FIELDS = ("prompt", "long_prompt", "image_share", "budget", "window", "prefill_repeats", "device",
@@ -79,14 +79,7 @@ def time_rounds(settings: BenchSettings) -> Rounds:
     for length in (s.prompt, s.long_prompt):
         for case in CASES:
             inputs = _inputs(first, case, length, s.image_share, s.device)
-            for name in VARIANTS:  # warm-up: a new shape may compile
-                for _ in range(2):
-                    prefill.prefill(models[name], inputs)
-            times: Rounds = {name: [] for name in VARIANTS}
-            for repeat in range(s.prefill_repeats):
-                shift = repeat % len(VARIANTS)
-                for name in VARIANTS[shift:] + VARIANTS[:shift]:
-                    times[name] += prefill.time_prefill(models[name], inputs, repeats=1, warmup=0)[1]
+            times = prefill.alternating_times(models, inputs, s.prefill_repeats)
             for name, values in times.items():
                 rounds[f"{name}/{case}/{length}"] = values
     return rounds

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-__all__ = ["cache_bytes", "prefill", "sync", "time_prefill"]
+__all__ = ["alternating_times", "cache_bytes", "prefill", "sync", "time_prefill"]
 
 
 def sync(device: torch.device | str) -> None:
@@ -40,6 +40,23 @@ def time_prefill(model: PreTrainedModel, inputs: dict[str, torch.Tensor], repeat
         sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times), times
+
+
+def alternating_times(models: dict[str, PreTrainedModel], inputs: dict[str, torch.Tensor],
+                      rounds: int) -> dict[str, list[float]]:
+    """Seconds per prefill of each model over ``rounds`` rounds after two untimed prefills each (the first
+    compiles), the models taking each place in the round order in turn (drifting machine speed hits all
+    alike); round ``i`` of every model is one comparison."""
+    names = list(models)
+    for name in names:
+        for _ in range(2):
+            prefill(models[name], inputs)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for index in range(rounds):
+        shift = index % len(names)
+        for name in names[shift:] + names[:shift]:
+            times[name] += time_prefill(models[name], inputs, repeats=1, warmup=0)[1]
+    return times
 
 
 def cache_bytes(cache: Any) -> int:

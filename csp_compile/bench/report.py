@@ -115,6 +115,8 @@ def format_table(result: dict[str, Any]) -> str:
         ("setup", f"{result['device']} ({result['device_name']}), {result['dtype']}, {result['threads']} threads, "
                   f"torch {result['torch_version']}, budget {result['budget']}, window {result['window']}"),
         ("prefill", "; ".join(f"{case} {ratio:.3f}" for case, ratio in result["prefill_overhead_cases"].items())),
+        ("vs eager", "transformers' eager model / CSP, prefill time (not judged): " + "; ".join(
+            f"{case} {ratio:.2f}x" for case, ratio in result["prefill_speedup_vs_eager"].items())),
         ("A/A", "plain copy / plain (the timing noise): " + "; ".join(
             f"{case} {ratio:.3f}" for case, ratio in result["prefill_noise_cases"].items())),
         ("scoring", f"naive {result['scoring_ms_naive']:.2f} ms, reference {result['scoring_ms_reference']:.2f} ms, "

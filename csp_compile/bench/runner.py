@@ -4,7 +4,8 @@ The prefill overhead first, in fresh processes of its own (``overhead``). Then c
 bench Llava with identical random weights: one with its language model compiled as the plain
 baseline (``baseline``: Inductor, the same attention op and causal shortcut, nothing evicted), one
 under ``csp_compile.optimize`` with CSP and, for decode speed, one with CSP on adaptive budgets
-(PyramidKV layers, AdaKV heads). Timings take turns between the variants, so load from other jobs
+(PyramidKV layers, AdaKV heads); CSP's prefill is also timed against the eager (uncompiled)
+model. Timings take turns between the variants, so load from other jobs
 on a shared machine hits them alike; every figure is a ratio of two measurements made in one run.
 """
 
@@ -25,6 +26,7 @@ from csp_compile.config import CSPConfig
 __all__ = ["BenchSettings", "run_bench"]
 
 ADAPTIVE = {"layer_budget": "pyramid", "head_budget": "adaptive"}  # the decode-speed check of adaptive budgets
+EAGER_ROUNDS = 3  # rounds of (eager, CSP) prefills per case in the comparison with the eager model
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,19 @@ def _steps(s: BenchSettings, r: dict[str, Any], state: dict[str, Any]) -> Iterat
         state["short"] = bench_model.bench_inputs(models[0], s.prompt, image_share=s.image_share, device=s.device)
         state["long"] = bench_model.bench_inputs(models[0], s.long_prompt, image_share=s.image_share, device=s.device)
     yield "build the bench models (plain, CSP, CSP with adaptive budgets)", build
+
+    def against_eager() -> None:
+        eager = sharing(state["plain"])  # transformers' own SDPA attention, not compiled
+        cases = {"image": state["short"],
+                 "padded": bench_model.padded_pair(eager, s.prompt, image_share=s.image_share, device=s.device)}
+        for case, inputs in cases.items():
+            times = prefill.alternating_times({"eager": eager, "csp": state["csp"]}, inputs, EAGER_ROUNDS)
+            key = f"{case}/{s.prompt}"
+            r.setdefault("prefill_speedup_vs_eager", {})[key] = statistics.median(
+                e / c for e, c in zip(times["eager"], times["csp"]))
+            r.setdefault("prefill_ms_eager", {})[key] = statistics.median(times["eager"]) * 1e3
+            r.setdefault("prefill_ms_csp", {})[key] = statistics.median(times["csp"]) * 1e3
+    yield f"prefill against the eager model: image and padded cases, {s.prompt} tokens", against_eager
 
     def score() -> None:
         m = state["plain"]
