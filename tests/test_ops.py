@@ -12,7 +12,7 @@ from csp_compile.ops import (attention_with_lse, config_from_op_arg, config_to_o
                              mask_is_causal_graph, shared_mask_graph)
 from csp_compile.scoring import resolve_budget
 from csp_compile.selection import left_aligned
-from csp_compile.templates.prefill_selection import prefill_selection
+from csp_compile.templates.prefill_selection import prefill_selection, selection_mask
 
 ATTENTION = torch.ops.csp.attention.default
 SELECT_REFERENCE = torch.ops.csp.select_reference.default
@@ -273,3 +273,14 @@ def test_fallback_lse_where_sdpa_runs_no_flash_kernel(prob, op_kwargs, config, m
     expected = window_lse_float64(p, scale, is_causal, min(config.window, p["query"].shape[2]))
     attends = torch.isfinite(expected)
     torch.testing.assert_close(lse.double()[attends], expected[attends], rtol=1e-5, atol=1e-5)
+
+
+def test_selection_mask_reads_the_shared_uint8_mask_as_bool():
+    """Eager (``csp::select_reference``) it is a view of the bytes, no L x L copy; traced, ``!= 0``."""
+    mask = problem(length=12)["attn_mask"]
+    shared = shared_mask_graph(mask)
+    eager = selection_mask(shared, False, 12, shared.device)
+    assert eager.dtype == torch.bool and torch.equal(eager, mask) and eager.data_ptr() == shared.data_ptr()
+    torch._dynamo.reset()
+    traced = torch.compile(lambda m: selection_mask(m, False, 12, m.device)[..., -3:, :].clone(), fullgraph=True)
+    assert torch.equal(traced(shared), mask[..., -3:, :])

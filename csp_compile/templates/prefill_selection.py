@@ -67,11 +67,11 @@ def selection_mask(attn_mask: torch.Tensor | None, is_causal: bool, length: int,
     """The model's SDPA mask in ``AttentionInputs``' convention: 4-D, None = causal; a bidirectional
     call (no mask, not causal) becomes one all-True (1, 1, 1, L) row broadcast over the queries; a bool
     mask passed as its uint8 bytes (``ops.shared_mask_graph``) is bool again (traced, Inductor reads only
-    the rows the scoring uses)."""
+    the rows the scoring uses; eager, a view of the bytes)."""
     if attn_mask is None:
         return None if is_causal else torch.ones(1, 1, 1, length, dtype=torch.bool, device=device)
-    if attn_mask.dtype == torch.uint8:
-        attn_mask = attn_mask != 0
+    if attn_mask.dtype == torch.uint8:  # eager (csp::select_reference): a view, not an L x L copy
+        attn_mask = attn_mask != 0 if torch.compiler.is_compiling() else attn_mask.view(torch.bool)
     while attn_mask.dim() < 4:
         attn_mask = attn_mask.unsqueeze(0)
     return attn_mask
