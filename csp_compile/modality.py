@@ -13,6 +13,7 @@ image lists their config attributes in `extra_image_token_attrs`.
 
 Source of truth: `input_ids` compared against the config's ids when both exist (exact, works for
 every padding layout); otherwise the family's type-id input; otherwise `ModalityUnavailableError`.
+A text-only causal LM (no vision config, no image or video token id) has every token text.
 """
 
 from __future__ import annotations
@@ -109,6 +110,39 @@ def image_token_ids(config_or_model) -> tuple[int, ...]:
     return tuple(dict.fromkeys(i for i in ids if i is not None))
 
 
+def is_text_only(config_or_model) -> bool:
+    """True for a text-only language model: no vision / audio config and no image or video token id
+    on the config (every token is text, CSP spends its whole budget on the self part)."""
+    config = _config_of(config_or_model)
+    spec = spec_for(config)
+    media_configs = ("vision_config", "audio_config", "vision_tower_config")
+    if any(getattr(config, name, None) is not None for name in media_configs):
+        return False
+    media_ids = spec.image_token_attrs + spec.extra_image_token_attrs + spec.video_token_attrs
+    return _first_id(config, media_ids) is None
+
+
+def check_modality_source(config_or_model) -> str:
+    """How modality ids will be read for this model, in words; ModalityUnavailableError (at
+    ``optimize``, before any prompt) when there is no way to tell modalities apart."""
+    config = _config_of(config_or_model)
+    if is_text_only(config):
+        return "text-only model: every token is text (CSP = n-softmax window scoring, whole budget on the self part)"
+    spec = spec_for(config)
+    images = image_token_ids(config)
+    video = _first_id(config, spec.video_token_attrs)
+    if images:
+        video_text = "" if video is None else f", video token id {video}"
+        return f"image token ids {list(images)}{video_text}, read from input_ids"
+    if spec.type_id_inputs:
+        return f"per-token type ids from {' or '.join(spec.type_id_inputs)} (the config has no image token id)"
+    raise ModalityUnavailableError(
+        f"config of model_type {config.model_type!r} has a vision part but no image token id: looked for "
+        f"{', '.join(spec.image_token_attrs + spec.extra_image_token_attrs)} on the config and its text config; "
+        f"{_type_id_hint(spec)}, or register a ModalitySpec for {config.model_type!r}."
+    )
+
+
 def _type_id_hint(spec: ModalitySpec) -> str:
     if spec.type_id_inputs:
         return f"per-token type ids would also do: {' or '.join(spec.type_id_inputs)}"
@@ -123,7 +157,8 @@ def modality_ids(
     mm_token_type_ids: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
 ) -> torch.LongTensor:
-    """Modality id per token, shape (batch, L), int64; padding (attention_mask == 0) is TEXT.
+    """Modality id per token, shape (batch, L), int64; padding (attention_mask == 0) is TEXT; all
+    TEXT for a text-only model (``is_text_only``), shaped like ``input_ids`` or ``attention_mask``.
 
     Raises ModalityUnavailableError when neither `input_ids` with the config's placeholder ids nor a
     type-id input this family reads as modality is available.
@@ -134,6 +169,12 @@ def modality_ids(
     type_ids = {"token_type_ids": token_type_ids, "mm_token_type_ids": mm_token_type_ids}
     given = [type_ids[name] for name in spec.type_id_inputs if type_ids[name] is not None]
 
+    if is_text_only(config):
+        shape_of = input_ids if input_ids is not None else attention_mask
+        if shape_of is None:
+            raise ModalityUnavailableError("csp: a text-only model's prompt length comes from input_ids or "
+                                           "attention_mask: pass one of them with inputs_embeds")
+        return torch.zeros_like(torch.atleast_2d(shape_of), dtype=torch.long)
     if input_ids is not None and images:
         modality = torch.zeros_like(input_ids, dtype=torch.long)
         modality[torch.isin(input_ids, torch.tensor(images, device=input_ids.device))] = IMAGE

@@ -28,6 +28,7 @@ from csp_compile.hooks import (
     model_post_hook,
     model_pre_hook,
 )
+from csp_compile.modality import check_modality_source
 from csp_compile.passes.evict_prefill import PrefillPlan
 from csp_compile.templates.lowering import choose_scoring
 from csp_compile.tracing import NoAttentionFoundError, capturing_data_dependent_ops, dry_trace, own_code_object
@@ -42,6 +43,7 @@ class _Installed:
     language_model_path: str
     handles: list = field(default_factory=list)
     dry_plan: PrefillPlan | None = None
+    modality_source: str = ""
 
 
 def optimize(model: nn.Module, config: CSPConfig | None = None, **overrides: Any) -> nn.Module:
@@ -57,10 +59,11 @@ def optimize(model: nn.Module, config: CSPConfig | None = None, **overrides: Any
     if overrides:
         config = config.replace(**overrides)
     language_model, path = _language_model(model)
+    modality_source = check_modality_source(model)
     dry_plan = dry_trace(language_model)
     restore(model)
     state = CSPState(config=config, hooked=True)
-    installed = _Installed(state, language_model, path, dry_plan=dry_plan)
+    installed = _Installed(state, language_model, path, dry_plan=dry_plan, modality_source=modality_source)
     installed.handles = _install_hooks(model, language_model, state)
     forward = own_code_object(type(language_model).forward.__get__(language_model))
     compiled = capturing_data_dependent_ops(torch.compile(forward, backend=CSPBackend(state)))
@@ -109,6 +112,7 @@ def explain(model: nn.Module) -> str:
         f"({type(installed.language_model).__name__}), from the {source}",
         f"config: budget={config.budget} window={config.window} cross_ratio={config.cross_ratio} "
         f"n={config.n} policy={config.policy} layer_budget={config.layer_budget} head_budget={config.head_budget}",
+        f"modality: {installed.modality_source}",
         f"rewritten ({len(plan.sites)}):",
     ]
     for site in plan.sites:
@@ -186,7 +190,8 @@ def _language_model(model: nn.Module) -> tuple[nn.Module, str]:
     if decoder is None or decoder is model or not hasattr(decoder, "config"):
         raise NoAttentionFoundError(
             f"{type(model).__name__} has no separate language model (model.get_decoder()): "
-            "csp_compile optimises Hugging Face vision-language models (e.g. *ForConditionalGeneration)"
+            "csp_compile optimises Hugging Face vision-language models (*ForConditionalGeneration) and causal LMs "
+            "(*ForCausalLM)"
         )
     implementation = getattr(decoder.config, "_attn_implementation", None)
     if implementation not in SUPPORTED_ATTENTION:

@@ -13,7 +13,9 @@ from csp_compile.modality import (
     VIDEO,
     ModalitySpec,
     ModalityUnavailableError,
+    check_modality_source,
     image_token_ids,
+    is_text_only,
     modality_ids,
     register_modality,
     spec_for,
@@ -133,6 +135,25 @@ def test_no_ids_and_no_type_ids_is_unavailable():
     assert issubclass(ModalityUnavailableError, ValueError)
 
 
-def test_config_without_image_token_attribute_names_what_it_looked_for():
-    with pytest.raises(ValueError, match=r"'llama'.*image_token_id, image_token_index"):
-        modality_ids(LlamaConfig(), torch.tensor([[1, 2, 3]]))
+def test_vlm_config_without_image_token_attribute_names_what_it_looked_for(monkeypatch):
+    config = MyVLMConfig(vision_config={"hidden_size": 8})
+    with pytest.raises(ValueError, match=r"'my_unregistered_vlm'.*image_token_id, image_token_index"):
+        modality_ids(config, torch.tensor([[1, 2, 3]]))
+    assert "mm_token_type_ids" in check_modality_source(config)  # the default spec's type ids could still tell
+    monkeypatch.setitem(modality._REGISTRY, MyVLMConfig.model_type, ModalitySpec(type_id_inputs=()))
+    with pytest.raises(ModalityUnavailableError, match=r"'my_unregistered_vlm' has a vision part but no image token"):
+        check_modality_source(config)
+
+
+def test_text_only_model_is_all_text_from_ids_or_mask():
+    assert is_text_only(LlamaConfig()) and is_text_only(Gemma3TextConfig())
+    assert not any(is_text_only(tiny(family)) for family in FAMILIES)
+    input_ids = torch.tensor([[1, 2, 3, 4], [0, 0, 5, 6]])
+    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
+    for kwargs in ({"input_ids": input_ids}, {"attention_mask": mask}):
+        ids = modality_ids(LlamaConfig(), **kwargs)
+        assert ids.dtype == torch.int64 and ids.shape == (2, 4) and ids.eq(TEXT).all()
+    with pytest.raises(ModalityUnavailableError, match="text-only"):
+        modality_ids(LlamaConfig())
+    assert check_modality_source(LlamaConfig()).startswith("text-only model")
+    assert "image token ids" in check_modality_source(tiny("llava"))
