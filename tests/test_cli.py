@@ -187,13 +187,14 @@ def test_console_errors_exit_2_with_one_stderr_line(argv, needle, tmp_path):
     assert len(lines) == 1 and needle in lines[0], result.stderr
 
 
-def test_a_model_that_is_not_a_vlm_is_refused(tmp_path, capsys):
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                      num_attention_heads=2, num_key_value_heads=1)
-    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path)
+def test_a_model_that_is_neither_a_vlm_nor_a_causal_lm_is_refused(tmp_path, capsys):
+    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                    image_size=8, patch_size=4)
+    transformers.ViTModel(config).save_pretrained(tmp_path)
     assert main(["eval", "--model", str(tmp_path), "--n", "2"]) == 2
     err = capsys.readouterr().err
-    assert "not a vision-language model" in err and len(err.strip().splitlines()) == 1
+    assert "ViTConfig, not a vision-language model or a text-only causal LM" in err
+    assert len(err.strip().splitlines()) == 1
 
 
 @given(text=st.text(alphabet=st.sampled_from(list("cspnakvh2o:0.15,rum_fl ")), max_size=24))
@@ -249,7 +250,7 @@ def test_console_entry_points():
     for argv in (["-m", "csp_compile", "--help"],):
         result = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=120)
         assert result.returncode == 0
-        for command in ("bench", "demo", "eval", "show-kept"):
+        for command in ("bench", "demo", "eval", "prepare", "show-kept"):
             assert command in result.stdout
 
 

@@ -20,6 +20,7 @@ SUBCOMMANDS: dict[str, str] = {
     "bench": "csp_compile.cli.bench",
     "demo": "csp_compile.cli.demo",
     "eval": "csp_compile.cli.evaluate",
+    "prepare": "csp_compile.cli.prepare",
     "show-kept": "csp_compile.cli.show_kept",
 }
 

@@ -9,12 +9,14 @@ from pathlib import Path
 from typing import Iterator
 
 __all__ = ["add_model_argument", "add_task_argument", "get_task_or_fail", "load_model_or_fail", "progress_bar",
-           "set_threads"]
+           "resolve_model_or_fail", "set_threads"]
 
 
 def add_model_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", type=Path, default=None,
-                        help="local save_pretrained directory of a VLM (default: the shipped model of --task)")
+    parser.add_argument("--model", type=str, default=None, metavar="smollm2|DIR",
+                        help="smollm2 (SmolLM2-135M-Instruct, real weights: run `csp-compile prepare smollm2` once) "
+                             "or a local save_pretrained directory of a VLM or a text-only causal LM "
+                             "(default: the shipped model of --task)")
 
 
 def add_task_argument(parser: argparse.ArgumentParser) -> None:
@@ -36,23 +38,44 @@ def get_task_or_fail(name: str):
         raise CLIError(str(error)) from None
 
 
-def load_model_or_fail(path: Path | None, task=None):
-    """(model, description); a CLIError naming --model, the path and what it must hold when it cannot
-    load (missing directory, no or corrupt config.json, missing or corrupt weights, not a VLM).
-    Without ``path``, the shipped model of ``task`` (default: the lookup task's)."""
+def resolve_model_or_fail(name_or_path: str | Path | None) -> Path | None:
+    """``--model``'s directory: a model name (smollm2) resolved to its prepared directory, a path as
+    given, None as None; a CLIError naming --model when the named model is not prepared."""
     from csp_compile.cli import CLIError
+    from csp_compile.real.prepare import resolve_model_path
+
+    if name_or_path is None:
+        return None
+    try:
+        return resolve_model_path(name_or_path)
+    except FileNotFoundError as error:
+        raise CLIError(f"--model: {error}") from None
+
+
+def load_model_or_fail(path: str | Path | None, task=None):
+    """(model, description); a CLIError naming --model, the value and what it must hold when it cannot
+    load (a name not prepared, missing directory, no or corrupt config.json, missing or corrupt weights,
+    neither a VLM nor a text-only causal LM). ``path`` is a directory or a model name (smollm2); without
+    it, the shipped model of ``task`` (default: the lookup task's)."""
+    from csp_compile.cli import CLIError
+    from csp_compile.real.prepare import MODEL_NAMES
     from csp_compile.tasks import DEFAULT_TASK, get_task
 
     task = task or get_task(DEFAULT_TASK)
+    directory = resolve_model_or_fail(path)
     try:
-        model = task.load_model(path)
+        model = task.load_model(directory)
     except (FileNotFoundError, ValueError) as error:
         if path is None:  # the shipped model is missing: the message already says to pass --model DIR
             raise
         raise CLIError(f"--model: {error}") from None
-    source = f"the shipped tiny VLM of the {task.name} task" if path is None else str(path)
+    millions = f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters"
     if path is None:
-        source += f" ({task.model_dir.name}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters)"
+        source = f"the shipped tiny VLM of the {task.name} task ({task.model_dir.name}, {millions})"
+    elif str(path) in MODEL_NAMES:
+        source = f"{path} ({type(model).__name__}, {millions}, prepared in {directory})"
+    else:
+        source = str(path)
     return model, source
 
 

@@ -10,7 +10,7 @@ import transformers
 
 from csp_compile.data.lookup import IMAGE_SIZE, IMAGE_TOKENS, PATCH_SIZE, VOCAB
 
-__all__ = ["GRID_MODEL_DIR", "SHIPPED_MODEL_DIR", "build_grid_model", "build_model", "load_model"]
+__all__ = ["GRID_MODEL_DIR", "SHIPPED_MODEL_DIR", "build_grid_model", "build_model", "load_model", "load_tokenizer"]
 
 SHIPPED_MODEL_DIR = Path(__file__).resolve().parents[1] / "assets" / "tiny_vlm"
 GRID_MODEL_DIR = Path(__file__).resolve().parents[1] / "assets" / "grid_vlm"  # the glyph-grid task's model
@@ -50,7 +50,8 @@ def build_grid_model(seed: int = 0) -> transformers.LlavaForConditionalGeneratio
     return build_model(seed, grid.VOCAB)
 
 
-_ALLOWED = "pass a local save_pretrained directory of a vision-language model (config.json and its weights)"
+_ALLOWED = ("pass smollm2 (after `csp-compile prepare smollm2`) or a local save_pretrained directory of a "
+            "vision-language model or a text-only causal LM (config.json and its weights)")
 
 
 def _one_line(error: BaseException, limit: int = 160) -> str:
@@ -63,11 +64,11 @@ def _one_line(error: BaseException, limit: int = 160) -> str:
 
 def load_model(path: str | Path | None = None, *, shipped: Path | None = None,
                train_script: str = "examples/train_tiny_vlm.py") -> transformers.PreTrainedModel:
-    """A VLM from a local ``save_pretrained`` directory (default: the shipped model in ``shipped``,
-    the lookup task's tiny VLM unless told; ``train_script`` trains it), in eval
+    """A VLM or a text-only causal LM from a local ``save_pretrained`` directory (default: the shipped
+    model in ``shipped``, the lookup task's tiny VLM unless told; ``train_script`` trains it), in eval
     mode with SDPA attention; no network. A missing or unloadable directory (no config.json, a corrupt
-    or foreign config, missing, corrupt or mismatched weights, not a VLM) raises FileNotFoundError /
-    ValueError with one line saying which path, what is wrong and what it must hold."""
+    or foreign config, missing, corrupt or mismatched weights, neither a VLM nor a text-only causal LM)
+    raises FileNotFoundError / ValueError with one line saying which path, what is wrong and what it must hold."""
     directory = Path(path) if path is not None else Path(shipped if shipped is not None else SHIPPED_MODEL_DIR)
     config_file = directory / "config.json"
     if path is None and not config_file.is_file():
@@ -94,10 +95,7 @@ def load_model(path: str | Path | None = None, *, shipped: Path | None = None,
         except Exception as error:  # a foreign file: unknown model_type, wrong field types, ...
             raise ValueError(f"{str(config_file)!r} is not a config transformers can load "
                              f"({_one_line(error)}): {_ALLOWED}") from None
-        auto = transformers.AutoModelForImageTextToText
-        if type(config) not in auto._model_mapping:
-            raise ValueError(f"{str(directory)!r} holds a {type(config).__name__}, not a vision-language model: "
-                             f"{_ALLOWED}")
+        auto = _auto_class(config, directory)
         try:
             model, info = auto.from_pretrained(directory, config=config, local_files_only=True,
                                                attn_implementation="sdpa", ignore_mismatched_sizes=True,
@@ -116,3 +114,41 @@ def load_model(path: str | Path | None = None, *, shipped: Path | None = None,
             raise ValueError(f"the weights in {str(directory)!r} {what} {len(keys)} of the model's tensors "
                              f"(e.g. {keys[0]}): {_ALLOWED}")
     return model.eval()
+
+
+def _auto_class(config: transformers.PreTrainedConfig, directory: Path) -> type:
+    """AutoModelForImageTextToText for a VLM config, AutoModelForCausalLM for a text-only causal LM's;
+    a ValueError naming the directory and the config class otherwise."""
+    from csp_compile.modality import is_text_only
+
+    if type(config) in transformers.AutoModelForImageTextToText._model_mapping:
+        return transformers.AutoModelForImageTextToText
+    causal = transformers.AutoModelForCausalLM
+    if type(config) in causal._model_mapping and is_text_only(config):
+        return causal
+    what = ("with an image or video token id but no vision-language model class: not a text-only causal LM"
+            if type(config) in causal._model_mapping else "not a vision-language model or a text-only causal LM")
+    raise ValueError(f"{str(directory)!r} holds a {type(config).__name__}, {what}: {_ALLOWED}")
+
+
+def load_tokenizer(directory: str | Path):
+    """The tokenizer saved in a text model's directory (local files only); a FileNotFoundError in one
+    line naming the directory when it has none."""
+    directory = Path(directory)
+    needs = ("a text model's directory needs its tokenizer files (tokenizer.json, tokenizer_config.json), as the "
+             "tokenizer's save_pretrained writes them")
+    if not any((directory / name).is_file() for name in _TOKENIZER_FILES):
+        raise FileNotFoundError(f"{str(directory)!r} has no tokenizer: {needs}")
+    transformers.utils.logging.disable_progress_bar()
+    verbosity = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity_error()
+    try:
+        return transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except Exception as error:  # tokenizer files transformers cannot read
+        raise FileNotFoundError(f"{str(directory)!r} has no tokenizer transformers can load ({_one_line(error)}): "
+                                f"{needs}") from None
+    finally:
+        transformers.utils.logging.set_verbosity(verbosity)
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
