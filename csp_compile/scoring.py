@@ -50,6 +50,7 @@ class AttentionInputs:
     query_valid: torch.Tensor | None = None  # (b, L) rows that have a query; None = ``valid``
     rows: int | torch.SymInt | None = None  # trailing query rows scored as the window (>= every W); None = max W
     window_lse: torch.Tensor | None = None  # (b, hq, rows) those rows' log-sum-exp (the attention kernel's)
+    accumulated: torch.Tensor | None = None  # (b, hkv, L) ``accumulated_attention`` when already computed
 
     @property
     def length(self) -> int:
@@ -137,7 +138,9 @@ def gqa_mean(scores: torch.Tensor, kv_heads: int) -> torch.Tensor:
 
 def accumulated_attention(inputs: AttentionInputs, chunk: int = 256) -> torch.Tensor:
     """(b, hkv, L) softmax attention each key receives, summed over every real prompt query
-    (H2O's score), computed ``chunk`` query rows at a time."""
+    (H2O's score), computed ``chunk`` query rows at a time; ``inputs.accumulated`` when given."""
+    if inputs.accumulated is not None:
+        return inputs.accumulated
     b, hq, length, _ = inputs.query.shape
     total = torch.zeros(b, hq, length, dtype=inputs.compute_dtype, device=inputs.query.device)
     for start in range(0, length, chunk):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["format_table", "plot_accuracy"]
+__all__ = ["REAL_COLUMNS", "format_table", "plot_accuracy", "plot_real_accuracy"]
 
 COLUMNS = ("policy", "budget", "accuracy", "kl", "top1_agreement", "kept_fraction")
 CHUNK_STYLES = ("--", ":", "-.")  # chunked-prefill rows, one style per chunk size
@@ -16,10 +16,10 @@ def _cell(value) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
-def format_table(records: list[dict]) -> str:
-    """One row per record, fixed-width columns (COLUMNS)."""
-    rows = [COLUMNS] + [tuple(_cell(record.get(column)) for column in COLUMNS) for record in records]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+def format_table(records: list[dict], columns: tuple[str, ...] = COLUMNS) -> str:
+    """One row per record, fixed-width ``columns``."""
+    rows = [columns] + [tuple(_cell(record.get(column)) for column in columns) for record in records]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
     lines = ["  ".join(value.rjust(width) if i else value.ljust(width) for i, (value, width) in
                        enumerate(zip(row, widths))) for row in rows]
     lines.insert(1, "-" * len(lines[0]))
@@ -59,6 +59,44 @@ def plot_accuracy(records: list[dict], path: str | Path, title: str = "") -> Non
     axes.legend(fontsize=8, loc="lower right")
     if title:
         axes.set_title(title, fontsize=9)
+    figure.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    plt.close(figure)
+
+
+REAL_COLUMNS = ("task", "length", "policy", "window", "budget", "accuracy", "kl", "needle_kept", "kept_fraction", "n")
+
+
+def plot_real_accuracy(records: list[dict], path: str | Path, window: int, title: str = "") -> None:
+    """PNG at ``path``: one panel per prompt length, accuracy against budget per policy at ``window``,
+    the full cache as a dashed black line (real-model task records: ``length``, ``window``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = sorted({r["length"] for r in records})
+    figure, axes = plt.subplots(1, len(lengths), figsize=(4.2 * len(lengths), 4.0), dpi=110, squeeze=False)
+    policies = list(dict.fromkeys(r["policy"] for r in records if r["policy"] != "full"))
+    for axis, length in zip(axes[0], lengths):
+        rows = [r for r in records if r["length"] == length]
+        for i, policy in enumerate(policies):
+            points = sorted((r["budget"], r["accuracy"]) for r in rows if r["policy"] == policy and r["window"] == window)
+            axis.plot([b for b, _ in points], [a for _, a in points], marker="o", color=f"C{i % 10}",
+                      linestyle="-" if i < 10 else "--", label=policy)
+        full = [r["accuracy"] for r in rows if r["policy"] == "full"]
+        if full:
+            axis.axhline(full[0], linestyle="--", color="black", linewidth=1, label="full cache")
+        axis.set_title(f"{length} tokens, window {window}", fontsize=9)
+        axis.set_xlabel("budget (fraction kept)")
+        axis.set_xscale("log")
+        axis.set_ylim(-0.02, 1.02)
+        axis.grid(alpha=0.3)
+    axes[0][0].set_ylabel("accuracy")
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    if title:
+        figure.suptitle(title, fontsize=10)
     figure.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path)

@@ -1,0 +1,96 @@
+"""``eval`` on a real text model: every (policy, window, budget) on the retrieval tasks, replayed on
+one recorded prefill per prompt (``replay``), against the full cache.
+
+Per record: ``accuracy`` (greedy decoding writes the whole 5-digit answer), ``kl`` (full || policy,
+mean over the answer tokens read from the pruned cache, teacher-forced), ``needle_kept`` (share of
+the asked value's tokens kept, mean over layers and KV heads), ``kept_fraction`` and ``n``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from typing import Any, Callable, Sequence
+
+import torch
+
+from csp_compile.config import CSPConfig
+from csp_compile.evaluation.policy_spec import PolicySpec
+from csp_compile.real.replay import ScoreCache, kept_positions, record_prefill, teacher_forced_logprobs
+from csp_compile.real.tasks import RealExample, RealTask, make_examples
+
+__all__ = ["DEFAULT_REAL_POLICIES", "evaluate_real", "example_scores"]
+
+DEFAULT_REAL_POLICIES = ("csp,csp_giveback,csp+pyramid,csp+adaptive,snapkv,snapkv:k1,adakv,pyramidkv,h2o,"
+                         "streaming,lookm_text_prior,random")
+
+
+def _needle_kept(kept: list[torch.Tensor], example: RealExample) -> float:
+    start, stop = example.needle_spans[0]
+    inside = [((rows >= start) & (rows < stop)).sum(-1).float().mean() / (stop - start) for rows in kept]
+    return float(torch.stack(inside).mean())
+
+
+def _kept_fraction(kept: list[torch.Tensor], length: int) -> float:
+    return float(torch.stack([(rows >= 0).sum(-1).float().mean() for rows in kept]).mean()) / length
+
+
+def example_scores(model: Any, example: RealExample, configs: dict[tuple[str, int, float], CSPConfig]) -> dict:
+    """Per config key and for ``"full"``: correct, kl, needle_kept, kept_fraction on one example."""
+    record = record_prefill(model, example.input_ids)
+    cache = ScoreCache(record)
+    answer = example.answer.to(record.first_logprobs.device)
+    full = teacher_forced_logprobs(model, record, [kept_positions(cache, CSPConfig(policy="full"))], answer)[0]
+    out = {"full": {"correct": bool((full.argmax(-1) == answer).all()), "kl": 0.0, "needle_kept": 1.0,
+                    "kept_fraction": 1.0}}
+    by_budget: dict[float, list] = defaultdict(list)
+    for key, config in configs.items():
+        by_budget[key[2]].append(key)
+    for keys in by_budget.values():
+        kept = [kept_positions(cache, configs[key]) for key in keys]
+        logprobs = teacher_forced_logprobs(model, record, kept, answer)
+        p_full = full[1:].exp()
+        kl = (p_full * (full[1:] - logprobs[:, 1:])).sum(-1).clamp(min=0).mean(-1)
+        correct = (logprobs.argmax(-1) == answer).all(-1)
+        for c, key in enumerate(keys):
+            out[key] = {"correct": bool(correct[c]), "kl": float(kl[c]), "needle_kept": _needle_kept(kept[c], example),
+                        "kept_fraction": _kept_fraction(kept[c], record.length)}
+    return out
+
+
+def evaluate_real(
+    model: Any,
+    tokenizer: Any,
+    task: RealTask,
+    *,
+    lengths: Sequence[int],
+    n: int,
+    specs: Sequence[PolicySpec],
+    budgets: Sequence[float],
+    windows: Sequence[int],
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> list[dict]:
+    """One record per length for the full cache, then per (policy, window, budget); each with
+    task, length, policy, window, budget, accuracy, kl, needle_kept, kept_fraction, n, seconds."""
+    configs = {(spec.label, window, budget): spec.config(budget, CSPConfig(window=window))
+               for spec in specs if spec.policy != "full" for window in windows for budget in budgets}
+    records = []
+    for length in lengths:
+        started = time.perf_counter()
+        totals: dict[Any, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        examples = make_examples(task, tokenizer, length, n, seed)
+        for example in examples:
+            for key, values in example_scores(model, example, configs).items():
+                for name, value in values.items():
+                    totals[key][name] += float(value)
+            if progress:
+                progress(f"{task.name} @ {length}")
+        seconds = time.perf_counter() - started
+        for key in ["full", *configs]:
+            policy, window, budget = ("full", None, 1.0) if key == "full" else key
+            t = totals[key]
+            records.append({"task": task.name, "length": length, "policy": policy, "window": window, "budget": budget,
+                            "accuracy": t["correct"] / n, "kl": t["kl"] / n, "needle_kept": t["needle_kept"] / n,
+                            "kept_fraction": t["kept_fraction"] / n, "n": n, "seconds": round(seconds, 1)})
+    return records
