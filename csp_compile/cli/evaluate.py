@@ -16,23 +16,30 @@ from csp_compile.cli.common import (
 )
 from csp_compile.evaluation import eval_set_for, evaluate, parse_budgets, parse_policies, parse_prefill_chunks
 from csp_compile.evaluation.report import format_table, plot_accuracy
+from csp_compile.tasks import DEFAULT_TASK
 
-HELP = "evaluate eviction policies and budgets on a VLM (default: the shipped tiny VLM) through the compiled pass"
+HELP = ("evaluate eviction policies and budgets: on a VLM's task through the compiled pass (default: the shipped tiny "
+        "VLM), or on a text model's long-context retrieval tasks (--model smollm2 --task passkey)")
 DEFAULT_POLICIES = "csp,csp:population,csp:mass,snapkv,h2o,streaming,lookm_text_prior,random"
 DEFAULT_BUDGETS = "0.05,0.1,0.2,0.4"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from csp_compile.cli.evaluate_real import add_real_arguments
+
     add_model_argument(parser)
     add_task_argument(parser)
-    parser.add_argument("--policies", default=DEFAULT_POLICIES,
-                        help=f"comma-separated policies; csp:<rule> sets the cross-ratio rule (default {DEFAULT_POLICIES})")
-    parser.add_argument("--budgets", default=DEFAULT_BUDGETS, help=f"comma-separated fractions in (0, 1] (default {DEFAULT_BUDGETS})")
+    parser.set_defaults(task=None)  # resolved per model: lookup for a VLM, passkey for a text model
+    parser.add_argument("--policies", default=None,
+                        help=f"comma-separated policies; csp:<rule> sets the cross-ratio rule (default {DEFAULT_POLICIES}; "
+                             "text models: every policy and alias)")
+    parser.add_argument("--budgets", default=None, help=f"comma-separated fractions in (0, 1] (default {DEFAULT_BUDGETS})")
     parser.add_argument("--prefill-chunk", default=None, metavar="C[,C2,...]",
                         help="also evaluate every policy and budget with chunked prefill, C prompt tokens per chunk "
                              "(comma-separated ints >= 1; default: one-shot prefill only)")
-    parser.add_argument("--n", type=int, default=200, help="test prompts (default 200)")
-    parser.add_argument("--window", type=int, default=None, help="observation window (default: CSPConfig's)")
+    parser.add_argument("--n", type=int, default=None, help="test prompts (default 200; text models: 50 per length)")
+    parser.add_argument("--window", type=int, default=None,
+                        help="observation window (default: CSPConfig's; text models: 32 and the task's own window)")
     parser.add_argument("--seed", type=int, default=0, help="test-set seed (default 0)")
     parser.add_argument("--batch-size", type=int, default=256, help="prompts per generate call (default 256)")
     parser.add_argument("--json", type=Path, default=None, help="write the records as JSON here")
@@ -41,13 +48,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine", choices=("transformers", "vllm"), default="transformers",
                         help="transformers (optimize + generate, default) or vllm (the csp_compile.vllm plugin; run "
                              "in the environment of scripts/install_vllm.sh; the lookup task's model only)")
+    add_real_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    from csp_compile.cli.evaluate_real import is_real_task_run, run_real
     from csp_compile.config import CSPConfig
 
-    task = get_task_or_fail(args.task)
-    specs, budgets = parse_policies(args.policies), parse_budgets(args.budgets)
+    if is_real_task_run(args):
+        return run_real(args)
+    task = get_task_or_fail(args.task or DEFAULT_TASK)
+    args.n = 200 if args.n is None else args.n
+    specs, budgets = parse_policies(args.policies or DEFAULT_POLICIES), parse_budgets(args.budgets or DEFAULT_BUDGETS)
     chunks = parse_prefill_chunks(args.prefill_chunk)
     if args.n < 1:
         raise ValueError(f"--n must be >= 1: got {args.n}")
