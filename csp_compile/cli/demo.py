@@ -15,7 +15,8 @@ if TYPE_CHECKING:
     from csp_compile.config import CSPConfig
     from csp_compile.evaluation import EvalSet
 
-HELP = "answer a few held-out prompts with a shipped tiny VLM, full cache vs CSP (default config)"
+HELP = ("answer a few held-out prompts with a shipped tiny VLM, full cache vs CSP (default config); with a text "
+        "model (--model smollm2): a chat and a pass-key question")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
 
     from csp_compile.config import CSPConfig
     from csp_compile.evaluation import run_config, run_full
+    from csp_compile.modality import is_text_only
 
     task = get_task_or_fail(args.task)
     render_tokens = task.data.render_tokens
@@ -40,6 +42,10 @@ def run(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     _started[0] = time.perf_counter()
     model, source = load_model_or_fail(args.model, task)
+    if is_text_only(model):
+        from csp_compile.cli.text_demo import load_tokenizer_or_fail, run_demo
+
+        return run_demo(model, load_tokenizer_or_fail(args.model), source, config)
     if not task.is_task_model(model):
         raise ValueError(f"{source} is not a model of the {task.name} task: demo --task {task.name} needs its shipped "
                          f"tiny VLM (or one trained by {task.train_script}); use `csp-compile eval --model` for others")

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from csp_compile.cli.common import add_model_argument, add_task_argument, get_task_or_fail, load_model_or_fail, set_threads
 
-HELP = "show which image patches and text tokens each layer kept for one prompt (PNG + summary)"
+HELP = ("show which image patches and text tokens each layer kept for one prompt (PNG + summary); with a text model "
+        "(--model smollm2): one pass-key prompt, layers x positions")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -15,7 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_task_argument(parser)
     parser.add_argument("--image", type=Path, default=None,
                         help="PNG to ask about instead of the test prompt's own glyph (resized to the model's input)")
-    parser.add_argument("--index", type=int, default=0, help="which held-out test prompt (default 0)")
+    parser.add_argument("--index", type=int, default=0,
+                        help="which held-out test prompt (text models: which pass-key prompt) (default 0)")
     parser.add_argument("--budget", type=float, default=0.2, help="fraction of the prompt kept (default 0.2)")
     parser.add_argument("--policy", default="csp",
                         help="one eviction policy, spelled as in eval's --policies, e.g. csp:mass (default csp)")
@@ -52,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     from csp_compile.config import CSPConfig
     from csp_compile.evaluation import parse_policy
     from csp_compile.evaluation.kept_map import kept_map, plot_kept_map
-    from csp_compile.modality import modality_ids
+    from csp_compile.modality import is_text_only, modality_ids
 
     task = get_task_or_fail(args.task)
     data = task.data
@@ -64,6 +66,13 @@ def run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--image {str(args.image)!r} does not exist: pass a PNG file")
     set_threads(args.threads)
     model, source = load_model_or_fail(args.model, task)
+    if is_text_only(model):
+        from csp_compile.cli.text_demo import load_tokenizer_or_fail, run_show_kept
+
+        if args.image is not None:
+            raise ValueError(f"--image {str(args.image)!r}: {source} is a text-only model: --image is for VLMs")
+        return run_show_kept(model, load_tokenizer_or_fail(args.model), source, config, spec.label, args.out,
+                             args.index)
     if not task.is_task_model(model):
         raise ValueError(f"{source} is not a model of the {task.name} task: show-kept --task {task.name} needs its "
                          f"shipped tiny VLM (or one trained by {task.train_script})")
