@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 from csp_compile.cli import CLIError
 from csp_compile.cli.common import load_model_or_fail, progress_bar, resolve_model_or_fail, set_threads
@@ -24,6 +25,11 @@ def add_real_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=tuple(PRESETS), default="full",
                         help="text models: full (every policy, 4 budgets, 3 lengths, n 50: hours on 2 cores) or small "
                              "(5 policies, budgets 0.1/0.2, 1k/2k tokens, n 10: minutes); explicit options win")
+    parser.add_argument("--log", type=Path, default=None, metavar="FILE",
+                        help="text models: one JSON line per scored prompt; a later run with the same FILE, task, "
+                             "--n and --seed reuses them (resume an interrupted or --max-minutes run)")
+    parser.add_argument("--max-minutes", type=float, default=None, metavar="M",
+                        help="text models: start no new prompt after M minutes; the records then say the n scored")
 
 
 def is_real_task_run(args: argparse.Namespace) -> bool:
@@ -74,6 +80,8 @@ def run_real(args: argparse.Namespace) -> int:
     n = args.n if args.n is not None else preset["n"]
     if n < 1:
         raise CLIError(f"--n must be >= 1: got {n}")
+    if args.max_minutes is not None and not args.max_minutes > 0:
+        raise CLIError(f"--max-minutes must be > 0: got {args.max_minutes}")
     specs = parse_policies(args.policies or preset["policies"] or DEFAULT_REAL_POLICIES)
     budgets = parse_budgets(args.budgets or preset["budgets"])
     windows = [args.window] if args.window is not None else sorted({32, task.window})
@@ -92,10 +100,13 @@ def run_real(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     with progress_bar(n * len(lengths), "eval") as bar:
         records = evaluate_real(model, tokenizer, task, lengths=lengths, n=n, specs=specs, budgets=budgets,
-                                windows=windows, seed=args.seed,
+                                windows=windows, seed=args.seed, log=args.log, max_minutes=args.max_minutes,
                                 progress=lambda label: (bar.set_postfix_str(label), bar.update()))
     print(format_table(records, REAL_COLUMNS))
     print(f"took {time.perf_counter() - started:.0f} s")
+    short = sorted({r["length"]: r["n"] for r in records if r["n"] < n}.items())
+    if short:
+        print(f"scored fewer than --n {n} prompts (--max-minutes): " + ", ".join(f"{k} at {length}" for length, k in short))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         payload = {"model": source, "task": task.name, "data": task.summary, "windows": windows,

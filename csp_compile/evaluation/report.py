@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["REAL_COLUMNS", "format_table", "plot_accuracy", "plot_real_accuracy"]
+__all__ = ["REAL_COLUMNS", "format_table", "plot_accuracy", "plot_real_accuracy", "real_accuracy_markdown"]
 
 COLUMNS = ("policy", "budget", "accuracy", "kl", "top1_agreement", "kept_fraction")
 CHUNK_STYLES = ("--", ":", "-.")  # chunked-prefill rows, one style per chunk size
@@ -101,3 +101,23 @@ def plot_real_accuracy(records: list[dict], path: str | Path, window: int, title
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path)
     plt.close(figure)
+
+
+def real_accuracy_markdown(records: list[dict], window: int, metric: str = "accuracy") -> str:
+    """A markdown table of real-model task records at ``window``: one row per policy (the full cache
+    first), one column per (length, budget), ``metric`` to 2 decimals; n per length in the header."""
+    lengths = sorted({r["length"] for r in records})
+    budgets = sorted({r["budget"] for r in records if r["policy"] != "full"})
+    n = {length: next(r["n"] for r in records if r["length"] == length) for length in lengths}
+    header = ["policy"] + [f"{length // 1024}k b{budget:g}" for length in lengths for budget in budgets]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    cell = {(r["policy"], r["length"], r["budget"]): r[metric] for r in records
+            if r["policy"] == "full" or r["window"] == window}
+    full = ["full cache"] + [f"{cell[('full', length, 1.0)]:.2f}" for length in lengths for _ in budgets]
+    lines.append("| " + " | ".join(full) + " |")
+    for policy in dict.fromkeys(r["policy"] for r in records if r["policy"] != "full"):
+        values = [cell.get((policy, length, budget)) for length in lengths for budget in budgets]
+        lines.append("| " + " | ".join([policy] + ["" if v is None else f"{v:.2f}" for v in values]) + " |")
+    lines.append("")
+    lines.append(f"n = {', '.join(f'{n[length]} at {length}' for length in lengths)} prompts; window {window}")
+    return "\n".join(lines)

@@ -8,8 +8,10 @@ the asked value's tokens kept, mean over layers and KV heads), ``kept_fraction``
 
 from __future__ import annotations
 
+import json
 import time
 from collections import defaultdict
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -17,7 +19,7 @@ import torch
 from csp_compile.config import CSPConfig
 from csp_compile.evaluation.policy_spec import PolicySpec
 from csp_compile.real.replay import ScoreCache, kept_positions, record_prefill, teacher_forced_logprobs
-from csp_compile.real.tasks import RealExample, RealTask, make_examples
+from csp_compile.real.tasks import RealExample, RealTask, example_depth, make_example
 
 __all__ = ["DEFAULT_REAL_POLICIES", "evaluate_real", "example_scores"]
 
@@ -58,6 +60,41 @@ def example_scores(model: Any, example: RealExample, configs: dict[tuple[str, in
     return out
 
 
+def _key_text(key: Any) -> str:
+    return "full" if key == "full" else json.dumps(list(key))
+
+
+def _run_examples(model: Any, tokenizer: Any, task: RealTask, lengths: Sequence[int], n: int,
+                  configs: dict[tuple[str, int, float], CSPConfig], seed: int, log: Path | None,
+                  deadline: float | None, progress: Callable[[str], None] | None) -> dict[int, list[dict]]:
+    """Per length the per-example scores, the lengths taken in turn (example i of each, then i + 1),
+    so a run stopped at ``deadline`` (or resumed from ``log``, one JSON line per example) stays balanced."""
+    done: dict[tuple[int, int], dict] = {}
+    if log is not None and log.is_file():
+        for line in log.read_text().splitlines():
+            entry = json.loads(line)
+            same_run = entry["task"] == task.name and entry["seed"] == seed and entry["n"] == n
+            if same_run and all(_key_text(key) in entry["scores"] for key in configs):
+                done[(entry["length"], entry["index"])] = entry["scores"]
+    results: dict[int, list[dict]] = {length: [] for length in lengths}
+    for index in range(n):
+        for length in lengths:
+            if (length, index) not in done:
+                if deadline is not None and time.monotonic() > deadline:
+                    return results
+                example = make_example(task, tokenizer, length, index, example_depth(index, n), seed)
+                scores = {_key_text(key): value for key, value in example_scores(model, example, configs).items()}
+                done[(length, index)] = scores
+                if log is not None:
+                    with log.open("a") as file:
+                        file.write(json.dumps({"task": task.name, "seed": seed, "n": n, "length": length,
+                                               "index": index, "scores": scores}) + "\n")
+            results[length].append(done[(length, index)])
+            if progress:
+                progress(f"{task.name} @ {length}")
+    return results
+
+
 def evaluate_real(
     model: Any,
     tokenizer: Any,
@@ -69,28 +106,28 @@ def evaluate_real(
     budgets: Sequence[float],
     windows: Sequence[int],
     seed: int = 0,
+    log: Path | None = None,
+    max_minutes: float | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> list[dict]:
-    """One record per length for the full cache, then per (policy, window, budget); each with
-    task, length, policy, window, budget, accuracy, kl, needle_kept, kept_fraction, n, seconds."""
+    """One record per length for the full cache, then per (policy, window, budget); each with task,
+    length, policy, window, budget, accuracy, kl, needle_kept, kept_fraction and n, the prompts
+    scored (fewer than ``n`` when ``max_minutes`` ran out; ``log`` keeps them for a later run)."""
     configs = {(spec.label, window, budget): spec.config(budget, CSPConfig(window=window))
                for spec in specs if spec.policy != "full" for window in windows for budget in budgets}
+    deadline = None if max_minutes is None else time.monotonic() + 60 * max_minutes
+    results = _run_examples(model, tokenizer, task, lengths, n, configs, seed, log, deadline, progress)
     records = []
     for length in lengths:
-        started = time.perf_counter()
-        totals: dict[Any, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-        examples = make_examples(task, tokenizer, length, n, seed)
-        for example in examples:
-            for key, values in example_scores(model, example, configs).items():
-                for name, value in values.items():
-                    totals[key][name] += float(value)
-            if progress:
-                progress(f"{task.name} @ {length}")
-        seconds = time.perf_counter() - started
+        scored = results[length]
+        if not scored:
+            continue
         for key in ["full", *configs]:
             policy, window, budget = ("full", None, 1.0) if key == "full" else key
-            t = totals[key]
+            values = [entry[_key_text(key)] for entry in scored]
+            mean = {name: sum(float(v[name]) for v in values) / len(values)
+                    for name in ("correct", "kl", "needle_kept", "kept_fraction")}
             records.append({"task": task.name, "length": length, "policy": policy, "window": window, "budget": budget,
-                            "accuracy": t["correct"] / n, "kl": t["kl"] / n, "needle_kept": t["needle_kept"] / n,
-                            "kept_fraction": t["kept_fraction"] / n, "n": n, "seconds": round(seconds, 1)})
+                            "accuracy": mean["correct"], "kl": mean["kl"], "needle_kept": mean["needle_kept"],
+                            "kept_fraction": mean["kept_fraction"], "n": len(values)})
     return records

@@ -18,7 +18,8 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["LENGTHS", "REAL_TASKS", "RealExample", "RealTask", "get_real_task", "make_examples"]
+__all__ = ["LENGTHS", "REAL_TASKS", "RealExample", "RealTask", "example_depth", "get_real_task", "make_example",
+           "make_examples", "spread_order"]
 
 LENGTHS = (1024, 2048, 4096)
 FILLER_SENTENCES = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.")
@@ -160,8 +161,21 @@ def make_example(task: RealTask, tokenizer: Any, length: int, index: int, depth:
     return RealExample(torch.tensor(ids), torch.tensor(answer), (span,), depth, parts.value)
 
 
+def spread_order(n: int) -> list[int]:
+    """0 .. n-1 in bit-reversed order: every prefix of it is spread over the range (0, 4, 2, 6, 1, ...)."""
+    bits = max(1, (n - 1).bit_length())
+    reversed_bits = (int(format(i, f"0{bits}b")[::-1], 2) for i in range(1 << bits))
+    return [i for i in reversed_bits if i < n]
+
+
+def example_depth(index: int, n: int) -> float:
+    """The needle depth of example ``index`` of ``n``: the ``index``-th of ``spread_order(n)`` over
+    the even grid (k + 0.5) / n, so the first examples already span the prompt."""
+    return (spread_order(n)[index] + 0.5) / n
+
+
 def make_examples(task: RealTask, tokenizer: Any, length: int, n: int, seed: int = 0) -> list[RealExample]:
-    """``n`` examples at about ``length`` tokens, needle depths spread evenly over (0, 1)."""
+    """``n`` examples at about ``length`` tokens, needle depths spread evenly over (0, 1) (``example_depth``)."""
     if n < 1:
         raise ValueError(f"--n must be >= 1: got {n}")
-    return [make_example(task, tokenizer, length, i, (i + 0.5) / n, seed) for i in range(n)]
+    return [make_example(task, tokenizer, length, i, example_depth(i, n), seed) for i in range(n)]
