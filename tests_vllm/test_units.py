@@ -48,11 +48,11 @@ def test_csp_config_is_off_without_the_key_and_validated_with_it():
     assert csp_config({"csp": {"layer_budget": "uniform"}}).layer_budget == "uniform"
 
 
-def _engine(prefix=False, chunked=False, tp=1, csp=True, layer_types=None, hybrid_off=False):
+def _engine(prefix=False, chunked=False, tp=1, csp=True, layer_types=None, hybrid_off=False, window=None):
     return types.SimpleNamespace(
         additional_config={"csp": {"budget": 0.2}} if csp else {},
         model_config=types.SimpleNamespace(hf_text_config=types.SimpleNamespace(layer_types=layer_types)),
-        cache_config=types.SimpleNamespace(enable_prefix_caching=prefix),
+        cache_config=types.SimpleNamespace(enable_prefix_caching=prefix, sliding_window=window),
         scheduler_config=types.SimpleNamespace(enable_chunked_prefill=chunked,
                                                disable_hybrid_kv_cache_manager=hybrid_off),
         speculative_config=None,
@@ -82,6 +82,16 @@ def test_check_engine_needs_full_attention_layers_and_their_own_block_table():
                                          r"table.*disable_hybrid_kv_cache_manager=False"):
         check_engine(_engine(layer_types=mixed, hybrid_off=True))
     assert check_engine(_engine(layer_types=["sliding_attention"], hybrid_off=True, csp=False)) is None
+
+
+def test_check_engine_refuses_a_model_whose_every_layer_gets_the_model_level_sliding_window():
+    # no layer_types (e.g. Mistral): vLLM's cache_config.sliding_window puts every layer in a sliding window
+    with pytest.raises(ValueError, match=r"no full-attention layer .* \['sliding_attention'\]\): vLLM gives every "
+                                         r"layer the model's sliding window \(16\); disable_sliding_window=True"):
+        check_engine(_engine(window=16))
+    assert check_engine(_engine(window=16, csp=False)) is None
+    # per-layer types decide where the config has them (vLLM sets no model-level window for mixed models)
+    assert check_engine(_engine(layer_types=["full_attention"] * 2, window=16)) == CSPConfig(budget=0.2)
 
 
 def _feature(modality, offset, length, is_embed=None):

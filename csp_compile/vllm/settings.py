@@ -18,6 +18,7 @@ __all__ = ["CONFIG_KEY", "check_engine", "csp_config"]
 
 CONFIG_KEY = "csp"
 _FULL_ATTENTION = "full_attention"
+_SLIDING_ATTENTION = "sliding_attention"
 _UNSUPPORTED = {"prefill_chunk": None, "decode_budget": None, "layer_budget": "uniform", "head_budget": "uniform"}
 
 
@@ -45,10 +46,15 @@ def csp_config(additional_config: Mapping[str, Any] | None) -> CSPConfig | None:
 
 def attention_kinds(vllm_config: Any) -> set[str]:
     """The kinds of attention of the model's decoder layers: its text config's ``layer_types``
-    (transformers' per-layer list, e.g. "full_attention", "sliding_attention"), or {"full_attention"}
-    when the config has none."""
+    (transformers' per-layer list, e.g. "full_attention", "sliding_attention"); for a config with
+    none, {"sliding_attention"} when vLLM gives every layer the model's sliding window (its
+    ``cache_config.sliding_window``, e.g. Mistral's 4096 when ``disable_sliding_window`` is off),
+    else {"full_attention"}."""
     text = vllm_config.model_config.hf_text_config
-    return set(getattr(text, "layer_types", None) or ()) or {_FULL_ATTENTION}
+    kinds = set(getattr(text, "layer_types", None) or ())
+    if kinds:
+        return kinds
+    return {_SLIDING_ATTENTION} if vllm_config.cache_config.sliding_window is not None else {_FULL_ATTENTION}
 
 
 def check_engine(vllm_config: Any) -> CSPConfig | None:
@@ -72,7 +78,11 @@ def check_engine(vllm_config: Any) -> CSPConfig | None:
         _fail("CSP is tested with one worker only: set tensor/pipeline/data parallel sizes to 1")
     kinds = sorted(attention_kinds(vllm_config))
     if _FULL_ATTENTION not in kinds:
-        _fail(f"the model has no full-attention layer for CSP to compact (its layers: {kinds})")
+        window = vllm_config.cache_config.sliding_window
+        hint = "" if window is None else (f": vLLM gives every layer the model's sliding window ({window}); "
+                                          "disable_sliding_window=True makes them full attention (max_model_len "
+                                          "then at most the window)")
+        _fail(f"the model has no full-attention layer for CSP to compact (its layers: {kinds}){hint}")
     if len(kinds) > 1 and vllm_config.scheduler_config.disable_hybrid_kv_cache_manager:
         _fail(f"the model's {kinds} layers would share one block table, which CSP cannot compact: keep vLLM's "
               "hybrid KV cache manager on (disable_hybrid_kv_cache_manager=False)")
