@@ -120,3 +120,18 @@ def test_the_same_model_with_disable_sliding_window_is_compacted(mistral_dir, re
         ids, _ = seen[record[1]]
         assert torch.equal(record[5], torch.zeros(len(ids), dtype=torch.int64))
         assert_kept_equal_select_kept(llm, record, CONFIG)
+
+
+def test_the_vllm_bench_runs_on_a_text_model_directory_as_it_is(llama_dir):
+    from csp_compile.vllm.bench import text_prompt
+    from csp_compile.vllm.cli import run_bench
+    from csp_compile.vllm.engine import prepared_model_dir
+
+    assert prepared_model_dir(llama_dir) == llama_dir  # its own tokenizer, nothing to rewrite
+    ids = text_prompt(300, 0, llama_dir)["prompt_token_ids"]
+    assert len(ids) == 300 and min(ids) >= FIRST_TEXT_ID and max(ids) < VOCAB  # no special (added) token
+    result = run_bench(llama_dir, dict(prompt=300, requests=6, new_tokens=8, full_capacity=2, repeats=1))
+    assert result["vllm_blocks_per_request_off"] == math.ceil(300 / BLOCK_SIZE)
+    assert result["vllm_blocks_per_request_ratio_b20"] <= 0.3
+    assert result["vllm_max_concurrent_off"] == 2 < result["vllm_max_concurrent_csp"]
+    assert result["vllm_max_concurrent_off_ample_memory"] == 6

@@ -1,8 +1,9 @@
 """``csp-compile bench --engine vllm``: what CSP buys inside vLLM's paged cache, as ratios.
 
-Two engines on the tiny VLM, one without and one with CSP, each with the same fixed
-``kv_cache_memory_bytes`` (room for ``full_capacity`` full-cache requests), fed the same long
-prompts (an image and ``prompt`` tokens in all). Figures (``bNN`` = budget in percent):
+Two engines on the tiny VLM (or a text-only causal LM's directory), one without and one with CSP,
+each with the same fixed ``kv_cache_memory_bytes`` (room for ``full_capacity`` full-cache requests),
+fed the same long prompts (an image and ``prompt`` tokens in all; for a text model ``prompt`` random
+ids of its vocabulary, ``text_prompt``). Figures (``bNN`` = budget in percent):
 
 - ``vllm_blocks_per_request_ratio_bNN``: KV blocks one request holds right after its prefill step.
 - ``vllm_max_concurrent_ratio_bNN``: most requests the scheduler runs at once on ``requests``
@@ -40,9 +41,9 @@ from typing import Any, Callable, Iterator
 
 from csp_compile.config import CSPConfig
 from csp_compile.data.lookup import IMAGE_TOKENS, NUM_FILLERS, VOCAB, render_glyph
-from csp_compile.vllm.engine import BLOCK_SIZE, held_blocks, make_llm, scheduler_of
+from csp_compile.vllm.engine import BLOCK_SIZE, held_blocks, is_text_model_dir, make_llm, scheduler_of
 
-__all__ = ["VLLMBenchSettings", "long_prompt", "run_prefill_profile", "run_vllm_bench"]
+__all__ = ["VLLMBenchSettings", "long_prompt", "run_prefill_profile", "run_vllm_bench", "text_prompt"]
 
 
 @dataclass(frozen=True)
@@ -83,19 +84,46 @@ def long_prompt(length: int, seed: int) -> dict[str, Any]:
     return {"prompt_token_ids": [VOCAB.bos, VOCAB.image, *body, VOCAB.query], "multi_modal_data": {"image": image}}
 
 
+Prompt = Callable[[int, int], dict[str, Any]]  # (length, seed) -> a vLLM prompt
+
+
+def text_prompt(length: int, seed: int, model_dir: Path) -> dict[str, Any]:
+    """A vLLM prompt of ``length`` random token ids of a text-only model's vocabulary (its config's
+    ``vocab_size``), none of them one of its tokenizer.json's added (special) tokens."""
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    added = {t["id"] for t in json.loads((model_dir / "tokenizer.json").read_text()).get("added_tokens", ())}
+    rng = random.Random(seed)
+    ids: list[int] = []
+    while len(ids) < length:
+        token = rng.randrange(vocab)
+        if token not in added:
+            ids.append(token)
+    return {"prompt_token_ids": ids}
+
+
+def _prompt_of(model_dir: Path) -> Prompt:
+    """``prompt(length, seed)`` for the bench: ``text_prompt`` for a text-only causal LM's directory,
+    else the tiny VLM's ``long_prompt``."""
+    if is_text_model_dir(model_dir):
+        return lambda length, seed: text_prompt(length, seed, model_dir)
+    return long_prompt
+
+
 def _block_bytes(model_dir: Path) -> int:
-    text = json.loads((model_dir / "config.json").read_text())["text_config"]
+    config = json.loads((model_dir / "config.json").read_text())
+    text = config.get("text_config", config)
     head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
     return 2 * text["num_hidden_layers"] * text["num_key_value_heads"] * head_dim * BLOCK_SIZE * 4  # K and V, fp32
 
 
-def _prefill_step(llm: Any, settings: VLLMBenchSettings, name: str, seed: int) -> tuple[int, float]:
+def _prefill_step(llm: Any, settings: VLLMBenchSettings, name: str, seed: int,
+                  prompt: Prompt = long_prompt) -> tuple[int, float]:
     """(blocks one request holds after its prefill step, seconds of that step); runs it to the end."""
     from vllm import SamplingParams
 
     engine = llm.llm_engine
-    engine.add_request(name, long_prompt(settings.prompt, seed), SamplingParams(max_tokens=2, temperature=0.0,
-                                                                                 ignore_eos=True))
+    engine.add_request(name, prompt(settings.prompt, seed), SamplingParams(max_tokens=2, temperature=0.0,
+                                                                            ignore_eos=True))
     start = time.perf_counter()
     engine.step()
     seconds = time.perf_counter() - start
@@ -105,27 +133,28 @@ def _prefill_step(llm: Any, settings: VLLMBenchSettings, name: str, seed: int) -
     return blocks, seconds
 
 
-def _prefill(engines: dict[str, Any], settings: VLLMBenchSettings) -> dict[str, tuple[int, float]]:
+def _prefill(engines: dict[str, Any], settings: VLLMBenchSettings,
+             prompt: Prompt = long_prompt) -> dict[str, tuple[int, float]]:
     """Per engine: (blocks after prefill, median prefill-step seconds), the engines interleaved
     (same prompt in turn, two untimed warm-ups each) so drifting load on shared cores hits both alike."""
     times: dict[str, list[float]] = {name: [] for name in engines}
     blocks: dict[str, int] = {}
     for repeat in range(settings.repeats + 2):
         for name, llm in engines.items():
-            blocks[name], seconds = _prefill_step(llm, settings, f"prefill-{repeat}", 1000 + repeat)
+            blocks[name], seconds = _prefill_step(llm, settings, f"prefill-{repeat}", 1000 + repeat, prompt)
             if repeat >= 2:
                 times[name].append(seconds)
     return {name: (blocks[name], statistics.median(times[name])) for name in engines}
 
 
-def _workload(llm: Any, settings: VLLMBenchSettings) -> tuple[int, float]:
+def _workload(llm: Any, settings: VLLMBenchSettings, prompt: Prompt = long_prompt) -> tuple[int, float]:
     """(most requests running at once, output tokens per second) on the concurrency workload."""
     from vllm import SamplingParams
 
     engine, scheduler = llm.llm_engine, scheduler_of(llm)
     params = SamplingParams(max_tokens=settings.new_tokens, temperature=0.0, ignore_eos=True)
     for i in range(settings.requests):
-        engine.add_request(f"load-{i}", long_prompt(settings.prompt, i), params)
+        engine.add_request(f"load-{i}", prompt(settings.prompt, i), params)
     most, produced, start = 0, 0, time.perf_counter()
     while engine.has_unfinished_requests():
         for output in engine.step():
@@ -206,7 +235,7 @@ def run_prefill_profile(settings: VLLMBenchSettings, model_dir: Path) -> dict[st
     engines, _ = _engines(settings, model_dir)
     try:
         with _timed_compaction() as seconds:
-            prefill = _prefill(engines, settings)
+            prefill = _prefill(engines, settings, _prompt_of(model_dir))
     finally:
         engines.clear()
         gc.collect()
@@ -224,12 +253,13 @@ def run_vllm_bench(settings: VLLMBenchSettings, model_dir: Path,
     """The flat result (see the module docstring)."""
     engines, memory = _engines(settings, model_dir, progress)
     try:
-        prefill = _prefill(engines, settings)
+        prompt = _prompt_of(model_dir)
+        prefill = _prefill(engines, settings, prompt)
         raw: dict[str, dict[str, float]] = {}
         for name, llm in engines.items():
             if progress:
                 progress(f"workload {name}")
-            concurrent, tokens_per_s = _workload(llm, settings)
+            concurrent, tokens_per_s = _workload(llm, settings, prompt)
             raw[name] = {"blocks_per_request": prefill[name][0], "prefill_s": prefill[name][1],
                          "max_concurrent": concurrent, "tokens_per_s": tokens_per_s}
     finally:
@@ -239,10 +269,10 @@ def run_vllm_bench(settings: VLLMBenchSettings, model_dir: Path,
         progress("engine off, memory for every request")
     ample = _engine(model_dir, None, settings, _memory_for(settings.requests, settings, model_dir))
     try:
-        _prefill_step(ample, settings, "warm-up", 999)
+        _prefill_step(ample, settings, "warm-up", 999, prompt)
         if progress:
             progress("workload off, memory for every request")
-        concurrent, tokens_per_s = _workload(ample, settings)
+        concurrent, tokens_per_s = _workload(ample, settings, prompt)
         raw["off_ample_memory"] = {"max_concurrent": concurrent, "tokens_per_s": tokens_per_s}
     finally:
         del ample

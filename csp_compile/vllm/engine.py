@@ -18,17 +18,31 @@ from csp_compile.config import CSPConfig
 from csp_compile.data.lookup import IMAGE_TOKENS, VOCAB, Example
 from csp_compile.vllm.model_dir import prepare_model_dir
 
-__all__ = ["BLOCK_SIZE", "accuracy", "csp_entry", "greedy", "held_blocks", "make_llm", "prepared_model_dir",
-           "scheduler_of", "task_prompt"]
+__all__ = ["BLOCK_SIZE", "accuracy", "csp_entry", "greedy", "held_blocks", "is_text_model_dir", "make_llm",
+           "prepared_model_dir", "scheduler_of", "task_prompt"]
 
 BLOCK_SIZE = 32
 
 
+def is_text_model_dir(path: str | Path) -> bool:
+    """True when ``path`` holds the config.json of a text-only causal LM (``csp_compile.modality.is_text_only``:
+    no vision or audio part, no image or video token id); vLLM loads such a directory as it is."""
+    from transformers import AutoConfig
+
+    from csp_compile.modality import is_text_only
+
+    path = Path(path)
+    return (path / "config.json").is_file() and is_text_only(AutoConfig.from_pretrained(path))
+
+
 def prepared_model_dir(source: str | Path | None = None, target: str | Path | None = None) -> Path:
     """A vLLM-ready copy of ``source`` (default: the shipped tiny VLM) in ``target`` (default: a
-    folder under the system temp dir), rewritten on every call."""
+    folder under the system temp dir), rewritten on every call; a text-only causal LM's directory
+    (``is_text_model_dir``: its own tokenizer, nothing to rename) is returned as it is."""
     from csp_compile.data.model import SHIPPED_MODEL_DIR
 
+    if source is not None and is_text_model_dir(source):
+        return Path(source)
     source = Path(source) if source is not None else SHIPPED_MODEL_DIR
     target = Path(target) if target is not None else Path(tempfile.gettempdir()) / "csp_compile_vllm" / source.name
     return prepare_model_dir(source, target)
