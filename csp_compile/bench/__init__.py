@@ -4,7 +4,8 @@ One file per job: ``model`` (the bench Llava and its prompts), ``scoring`` (naiv
 fused scoring of one layer), ``prefill`` (compiled prefill timing, KV bytes), ``overhead`` (the
 prefill-overhead cases, timed in fresh processes), ``decode`` (per-token decode time, recompiles),
 ``memory`` (peak prefill memory), ``report`` (targets, table), and ``runner`` (the order of the
-measurements).
+measurements); ``real`` benches a real pretrained causal LM (``--model smollm2``) and ``attribution``
+splits its profiled prefill time between CSP's kernels and the model's.
 """
 
 from csp_compile.bench.model import BENCH_SHAPE, QUICK_SHAPE, ModelShape

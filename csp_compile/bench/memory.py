@@ -19,7 +19,7 @@ from transformers import PreTrainedModel
 
 from csp_compile.bench.prefill import prefill, sync
 
-__all__ = ["METHOD", "peak_prefill_bytes"]
+__all__ = ["METHOD", "peak_of", "peak_prefill_bytes"]
 
 METHOD = {
     "cpu": "torch.profiler(profile_memory=True): peak of live torch CPU tensor bytes during the prefill, "
@@ -40,6 +40,11 @@ def peak_prefill_bytes(model: PreTrainedModel, inputs: dict[str, torch.Tensor]) 
         return torch.cuda.max_memory_allocated(device) - before, output
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         output = prefill(model, inputs)
+    return peak_of(prof), output
+
+
+def peak_of(prof: profile) -> int:
+    """Peak live CPU tensor bytes of a ``profile(profile_memory=True)`` run, above those live at its start."""
     allocations = sorted((node for node in _walk(prof.profiler.kineto_results.experimental_event_tree())
                           if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu"),
                          key=lambda node: node.start_time_ns)
@@ -47,7 +52,7 @@ def peak_prefill_bytes(model: PreTrainedModel, inputs: dict[str, torch.Tensor]) 
     for node in allocations:  # + bytes allocated, - bytes freed (frees of blocks older than the prefill are not reported)
         live += node.extra_fields.alloc_size
         peak = max(peak, live)
-    return peak, output
+    return peak
 
 
 def _walk(nodes: Iterable[Any]) -> Iterator[Any]:

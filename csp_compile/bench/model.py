@@ -137,14 +137,12 @@ def image_share_of(model: PreTrainedModel, inputs: dict) -> float:
 
 def decode_weight_bytes(model: PreTrainedModel) -> int:
     """Bytes of weights one decode step reads: every language-model parameter except the embedding
-    table (a step reads one row of it), plus the LM head."""
+    table (a step reads one row of it), plus the LM head (read whole, also when tied to the embedding)."""
     language_model = model.get_decoder()
     embed = language_model.get_input_embeddings().weight
     total = sum(p.numel() * p.element_size() for p in language_model.parameters() if p is not embed)
     head = model.get_output_embeddings().weight
-    if head is not embed:
-        total += head.numel() * head.element_size()
-    return total
+    return total + head.numel() * head.element_size()
 
 
 def parameter_count(model: PreTrainedModel) -> dict[str, int]:

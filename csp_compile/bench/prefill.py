@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
@@ -42,20 +42,25 @@ def time_prefill(model: PreTrainedModel, inputs: dict[str, torch.Tensor], repeat
     return statistics.median(times), times
 
 
-def alternating_times(models: dict[str, PreTrainedModel], inputs: dict[str, torch.Tensor],
-                      rounds: int) -> dict[str, list[float]]:
-    """Seconds per prefill of each model over ``rounds`` rounds after two untimed prefills each (the first
-    compiles), the models taking each place in the round order in turn (drifting machine speed hits all
-    alike); round ``i`` of every model is one comparison."""
+def alternating_times(models: dict[str, PreTrainedModel], inputs: dict[str, torch.Tensor], rounds: int,
+                      warmup: int = 2, run: dict[str, Callable[[PreTrainedModel, dict], float]] | None = None
+                      ) -> dict[str, list[float]]:
+    """Seconds per prefill of each model over ``rounds`` rounds after ``warmup`` untimed prefills each (the
+    first compiles), the models taking each place in the round order in turn (drifting machine speed hits
+    all alike); round ``i`` of every model is one comparison. ``run[name](model, inputs)``, if given, runs
+    (e.g. profiles) one prefill and returns its seconds."""
     names = list(models)
     for name in names:
-        for _ in range(2):
+        for _ in range(warmup):
             prefill(models[name], inputs)
     times: dict[str, list[float]] = {name: [] for name in names}
     for index in range(rounds):
         shift = index % len(names)
         for name in names[shift:] + names[:shift]:
-            times[name] += time_prefill(models[name], inputs, repeats=1, warmup=0)[1]
+            if run is not None and name in run:
+                times[name].append(run[name](models[name], inputs))
+            else:
+                times[name] += time_prefill(models[name], inputs, repeats=1, warmup=0)[1]
     return times
 
 

@@ -49,6 +49,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fresh processes the prefill-overhead rounds run in (default 3; --quick 1)")
     parser.add_argument("--new-tokens", type=int, metavar="N",
                         help="tokens generated per decode run, the first 2 untimed (default 16; --quick 6)")
+    parser.add_argument("--model", default=None, metavar="smollm2|DIR",
+                        help="bench a real pretrained causal LM instead of the random-weight bench Llava: smollm2 "
+                             "(run `csp-compile prepare smollm2` once) or a local directory; prefill 2k/4k/8k, decode "
+                             "256/2k/8k x batch 1/8 (--quick: 1k/2k, batch 1); see docs/bench_smollm2.md")
+    parser.add_argument("--markdown", type=Path, metavar="PATH", help="with --model: also write the tables as markdown")
+    parser.add_argument("--max-batch-tokens", type=int, metavar="N",
+                        help="with --model: skip decode cases of batch > 1 whose batch x prompt exceeds N tokens (default 16384)")
     parser.add_argument("--engine", choices=("transformers", "vllm"), default="transformers",
                         help="transformers (the compiled pass, default) or vllm (the csp_compile.vllm plugin on the "
                              "shipped tiny VLM: blocks per request, concurrency, throughput and prefill ratios under "
@@ -114,7 +121,73 @@ def _run_vllm(args: argparse.Namespace) -> int:
     return 0
 
 
+_TINY_ONLY = ("prompt", "long_prompt", "chunk_prompt", "prefill_chunk", "layers", "repeats", "overhead_processes")
+
+
+def _real_settings(args: argparse.Namespace):
+    from csp_compile.bench.real import PRESETS, RealSettings
+    from csp_compile.cli.common import resolve_model_or_fail
+
+    if args.engine != "transformers":
+        raise CLIError(f"--model with --engine {args.engine}: the real-model bench runs on transformers only")
+    for flag in _TINY_ONLY:
+        if getattr(args, flag) is not None:
+            raise CLIError(f"--{flag.replace('_', '-')}: not used with --model (the real-model bench sets its lengths)")
+    if not math.isfinite(args.budget) or not 0.0 < args.budget < 1.0:
+        raise CLIError(f"--budget {args.budget}: allowed a fraction in (0, 1)")
+    for flag in ("threads", "new_tokens", "max_batch_tokens"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise CLIError(f"--{flag.replace('_', '-')} {value}: allowed a positive integer")
+    if args.device not in (None, "cpu") or args.dtype != "float32":
+        raise CLIError("--device/--dtype: the real-model bench runs on cpu in float32")
+    path = resolve_model_or_fail(args.model)
+    if not (path / "config.json").is_file():
+        raise CLIError(f"--model {args.model}: {str(path)!r} holds no config.json (a save_pretrained directory)")
+    preset = "quick" if args.quick else "full"
+    options = dict(PRESETS[preset], budget=args.budget, threads=args.threads, preset=preset, model_name=args.model)
+    if args.new_tokens is not None:
+        options["new_tokens"] = args.new_tokens
+    if args.max_batch_tokens is not None:
+        options["max_batch_tokens"] = args.max_batch_tokens
+    return RealSettings(model=path, **options)
+
+
+def _run_real(args: argparse.Namespace) -> int:
+    settings = _real_settings(args)
+    from tqdm import tqdm
+
+    from csp_compile.bench.real import format_markdown, run_real_bench
+
+    bar = tqdm(total=0, desc="csp-compile bench", unit="step", file=sys.stderr, dynamic_ncols=True)
+    started: list[str] = []
+
+    def progress(description: str) -> None:
+        if started:
+            bar.update(1)
+        started.append(description)
+        bar.set_postfix_str(description)
+
+    try:
+        result = run_real_bench(settings, progress=progress, steps_total=lambda n: setattr(bar, "total", n))
+        bar.update(1)
+    finally:
+        bar.close()
+    table = format_markdown(result)
+    print(table)
+    _write_json(args.json, result)
+    if args.markdown is not None:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(table + "\n")
+        print(f"wrote {args.markdown}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.model is not None:
+        return _run_real(args)
+    if args.markdown is not None or args.max_batch_tokens is not None:
+        raise CLIError("--markdown/--max-batch-tokens: only with --model")
     if args.engine == "vllm":
         return _run_vllm(args)
     settings = _settings(args)
