@@ -29,7 +29,8 @@ def _tiny_llama() -> LlamaForCausalLM:
     (["--model", "smollm2", "--prompt", "512"], "--prompt"),
     (["--model", "smollm2", "--budget", "2"], "--budget"),
     (["--model", "smollm2", "--max-batch-tokens", "0"], "--max-batch-tokens"),
-    (["--model", "smollm2", "--engine", "vllm"], "--model"),
+    (["--requests", "3"], "--requests"),
+    (["--model", "smollm2", "--window", "16"], "only with --engine vllm"),
     (["--model", "smollm2", "--dtype", "bfloat16"], "--dtype"),
     (["--markdown", "x.md", "--quick"], "--markdown"),
 ])

@@ -56,9 +56,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--markdown", type=Path, metavar="PATH", help="with --model: also write the tables as markdown")
     parser.add_argument("--max-batch-tokens", type=int, metavar="N",
                         help="with --model: skip decode cases of batch > 1 whose batch x prompt exceeds N tokens (default 16384)")
+    parser.add_argument("--requests", type=int, metavar="N",
+                        help="--engine vllm: requests in the concurrency workload (default 40)")
+    parser.add_argument("--full-capacity", type=int, metavar="N",
+                        help="--engine vllm: full-cache requests the KV memory is sized to hold (default 8)")
+    parser.add_argument("--window", type=int, metavar="N", help="--engine vllm: CSP's observation window (default 8)")
     parser.add_argument("--engine", choices=("transformers", "vllm"), default="transformers",
                         help="transformers (the compiled pass, default) or vllm (the csp_compile.vllm plugin on the "
-                             "shipped tiny VLM: blocks per request, concurrency, throughput and prefill ratios under "
+                             "shipped tiny VLM or --model: blocks per request, concurrency, throughput and prefill ratios under "
                              "one KV memory; run in the environment of scripts/install_vllm.sh; its defaults: --prompt "
                              "2048 --new-tokens 256 --repeats 3, --quick: 1024 and 32)")
 
@@ -112,15 +117,19 @@ def _write_json(path: Path | None, result: dict) -> None:
 def _run_vllm(args: argparse.Namespace) -> int:
     from csp_compile.vllm.cli import format_bench, run_bench
 
+    from csp_compile.cli.common import resolve_model_or_fail
+
     quick = dict(prompt=1024, new_tokens=32, repeats=2) if args.quick else {}
     overrides = {**quick, "budget": args.budget, "repeats": args.repeats}
-    overrides.update({k: getattr(args, k) for k in ("prompt", "new_tokens") if getattr(args, k) is not None})
-    result = run_bench(None, overrides)
+    names = ("prompt", "new_tokens", "requests", "full_capacity", "window")
+    overrides.update({k: getattr(args, k) for k in names if getattr(args, k) is not None})
+    result = run_bench(resolve_model_or_fail(args.model), overrides)
     print(format_bench(result))
     _write_json(args.json, result)
     return 0
 
 
+_VLLM_ONLY = ("requests", "full_capacity", "window")
 _TINY_ONLY = ("prompt", "long_prompt", "chunk_prompt", "prefill_chunk", "layers", "repeats", "overhead_processes")
 
 
@@ -128,8 +137,6 @@ def _real_settings(args: argparse.Namespace):
     from csp_compile.bench.real import PRESETS, RealSettings
     from csp_compile.cli.common import resolve_model_or_fail
 
-    if args.engine != "transformers":
-        raise CLIError(f"--model with --engine {args.engine}: the real-model bench runs on transformers only")
     for flag in _TINY_ONLY:
         if getattr(args, flag) is not None:
             raise CLIError(f"--{flag.replace('_', '-')}: not used with --model (the real-model bench sets its lengths)")
@@ -184,12 +191,14 @@ def _run_real(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.engine != "vllm" and any(getattr(args, k) is not None for k in _VLLM_ONLY):
+        raise CLIError("--requests/--full-capacity/--window: only with --engine vllm")
+    if args.engine == "vllm":
+        return _run_vllm(args)
     if args.model is not None:
         return _run_real(args)
     if args.markdown is not None or args.max_batch_tokens is not None:
         raise CLIError("--markdown/--max-batch-tokens: only with --model")
-    if args.engine == "vllm":
-        return _run_vllm(args)
     settings = _settings(args)
     from tqdm import tqdm
 
