@@ -7,7 +7,7 @@ sizes masks as ``P + q`` keys at offset ``T - P``: every kept slot precedes ever
 causal rule stays right for a multi-token turn. Its ``slots`` (a ``SlotMap``) say which logical
 position, modality and padding each slot holds; the cache's ``TokenLog`` has the modality and
 padding of every logical token. The logical offset is explicit state of the cache, never inferred
-from its length (DESIGN §6).
+from its length (docs/design.md §6).
 """
 
 from __future__ import annotations

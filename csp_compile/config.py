@@ -40,7 +40,7 @@ def _check_budget_value(field: str, value: Any, prefix: str = "") -> None:
 
 @dataclass(frozen=True, kw_only=True)
 class CSPConfig:
-    """Configuration of KV-cache pruning at prefill (DESIGN §2).
+    """Configuration of KV-cache pruning at prefill (docs/design.md §2).
 
     budget: float in (0, 1] = fraction of the prompt kept, or int >= 1 = tokens kept
         (note: ``1`` keeps one token, ``1.0`` keeps everything).

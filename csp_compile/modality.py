@@ -1,4 +1,4 @@
-"""Per-token modality ids (DESIGN §2): 0 = text, 1 = image, 2 = video, 3+ reserved.
+"""Per-token modality ids (docs/design.md §2): 0 = text, 1 = image, 2 = video, 3+ reserved.
 
 A `ModalitySpec` says how one model family marks modalities: which config attributes hold its
 image / video placeholder token ids and which type-id input (if any) carries per-token modality.

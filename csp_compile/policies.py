@@ -1,4 +1,4 @@
-"""Eviction policies: a score function plus a split rule (DESIGN §2). One entry per policy.
+"""Eviction policies: a score function plus a split rule (docs/design.md §2). One entry per policy.
 
 A policy scores every position per KV head with a *primary* and optionally a *secondary* score;
 its split rule says how many of the K non-window picks come from the secondary score (taken
@@ -103,7 +103,7 @@ def cross_ratio_split(scores: PolicyScores, inputs: AttentionInputs, config: CSP
 
 def cross_give_back_split(scores: PolicyScores, inputs: AttentionInputs, config: CSPConfig, k_total: torch.Tensor) -> torch.Tensor:
     """``cross_ratio_split``, but never more cross picks than candidates with a cross score above 0: the rest
-    of the quota goes back to the self ranking (DESIGN §2 fills it with the earliest zero-score positions)."""
+    of the quota goes back to the self ranking (docs/design.md §2 fills it with the earliest zero-score positions)."""
     scored = ((scores.secondary > 0) & inputs.candidates()[:, None, :]).sum(-1)
     return torch.minimum(cross_ratio_split(scores, inputs, config, k_total), scored)
 

@@ -4,7 +4,7 @@ Used after a new turn (``on_new_turn="evict"``), after each chunk of a chunked p
 decode-time compression. Each evicting layer holds its kept slots followed by the tokens appended
 since. The observation window is the last ``W = min(window, B)`` real tokens whose post-RoPE
 queries the caller passes (a new turn's own last tokens; for chunks and decode compressions the
-last ``window`` tokens across calls, buffered on the cache); ``B`` follows DESIGN §2 with ``L`` =
+last ``window`` tokens across calls, buffered on the cache); ``B`` follows docs/design.md §2 with ``L`` =
 the sequence's logical real-token count. Scores are the policy's reference score functions on a
 problem folded per KV head (kept slots differ per head, so their modality and padding do too):
 batch ``b * hkv``, one KV head, the key axis in logical order, causal in that order (every kept slot

@@ -1,4 +1,4 @@
-"""Reference scoring math in plain PyTorch (DESIGN §2): the oracle every kernel is tested against.
+"""Reference scoring math in plain PyTorch (docs/design.md §2): the oracle every kernel is tested against.
 
 Shapes: ``b`` batch, ``hq`` query heads, ``hkv`` KV heads, ``L`` prompt length (padded), ``D`` head
 dim. Only blocks of query rows are ever scored (the window, or chunks of it for H2O): memory is

@@ -1,4 +1,4 @@
-"""``select_kept``: the reference selection of DESIGN §2, from one layer's Q/K to kept positions."""
+"""``select_kept``: the reference selection of docs/design.md §2, from one layer's Q/K to kept positions."""
 
 from __future__ import annotations
 

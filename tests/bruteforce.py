@@ -1,4 +1,4 @@
-"""The selection contract (DESIGN §2) written out again with Python loops in float64.
+"""The selection contract (docs/design.md §2) written out again with Python loops in float64.
 
 Deliberately shares no code with csp_compile: it is the independent check on the reference.
 """

@@ -1,4 +1,4 @@
-"""modality_ids: per-token text / image / video ids from each family's own ids (DESIGN §2)."""
+"""modality_ids: per-token text / image / video ids from each family's own ids (docs/design.md §2)."""
 
 from functools import lru_cache
 

@@ -186,3 +186,36 @@ def test_eval_log_resumes_and_max_minutes_stops(tmp_path, monkeypatch):
     stopped = real_evaluate.evaluate_real(model, tokenizer, REAL_TASKS["passkey"], **{**kwargs, "n": 4, "log": None},
                                           max_minutes=1e-9)
     assert stopped == []
+
+
+def test_results_tables_in_the_docs_equal_their_json():
+    """Every generated table block in the README and docs/ equals what its committed JSON gives."""
+    from pathlib import Path
+
+    from csp_compile.evaluation.doc_tables import render
+
+    root = Path(__file__).resolve().parents[1]
+    files = [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+    blocks = 0
+    for file in files:
+        text = file.read_text()
+        blocks += text.count("<!-- table: eval ")
+        assert render(text, root) == text, f"{file.name}: run python -m csp_compile.evaluation.doc_tables {file.name}"
+    assert blocks >= 2
+
+
+def test_doc_table_blocks_are_regenerated_from_their_json(tmp_path):
+    import json
+
+    from csp_compile.evaluation.doc_tables import render
+
+    records = [{"task": "passkey", "length": 2048, "policy": "full", "window": None, "budget": 1.0, "accuracy": 0.5,
+                "n": 4},
+               {"task": "passkey", "length": 2048, "policy": "csp", "window": 32, "budget": 0.2, "accuracy": 0.25,
+                "n": 4}]
+    (tmp_path / "r.json").write_text(json.dumps({"records": records}))
+    stale = "x\n<!-- table: eval r.json window=32 metric=accuracy -->\n| old |\n<!-- /table -->\ny\n"
+    fresh = render(stale, tmp_path)
+    assert "| old |" not in fresh and "| full cache | 0.50 |" in fresh and "| csp | 0.25 |" in fresh
+    assert fresh.startswith("x\n<!-- table: eval r.json") and fresh.endswith("<!-- /table -->\ny\n")
+    assert render(fresh, tmp_path) == fresh

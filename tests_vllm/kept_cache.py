@@ -23,7 +23,7 @@ def attention_layer(llm: Any, name: str) -> Any:
 
 
 def assert_kept_equal_select_kept(llm: Any, record: tuple, config: CSPConfig) -> torch.Tensor:
-    """One ``batch.RECORDER`` record: the plan's kept count is DESIGN §2's B rounded up to the block
+    """One ``batch.RECORDER`` record: the plan's kept count is docs/design.md §2's B rounded up to the block
     congruence (``kept = L mod block_size``, fewer than a block over B); the plugin's kept indices
     equal ``select_kept`` on the recorded Q/K and modality with that count; and the cache blocks
     hold each KV head's kept K/V in ascending position from the first kept slot (writing the

@@ -11,7 +11,7 @@ The answer is ``GRID`` tokens, one per cell of the row, left to right: ``r2c0:g3
 r2c3:g5``. An answer token names its cell and the glyph class there (like the lookup task's
 separate A- and B-values), so a decode step knows which cell comes next from the token it was
 fed: each answer token is one attention hop (next cell -> its image tokens), which a 4-layer
-model learns on two CPU cores (DESIGN §3). No text token says what
+model learns on two CPU cores (docs/design.md §3). No text token says what
 a cell shows: every answer token must be read from the image tokens of its cell. The first answer
 token (cell ``(r, 0)``) comes from the (unpruned) prefill; the second to fourth (cells
 ``(r, 1)`` .. ``(r, 3)``) are decoded from the (possibly pruned) KV cache, so a policy that drops

@@ -12,7 +12,7 @@ B-record leaves only a guess among the B-values.
 
 A record is one token so that a lookup is one attention hop (shown key -> record), which a
 4-layer model learns on two CPU cores; key -> value across separate tokens needs induction heads
-and trains an order of magnitude slower (DESIGN §3).
+and trains an order of magnitude slower (docs/design.md §3).
 
 Auxiliary tasks (training only): "name", ``<bos> <image>*64 NAME`` -> ``key``, names the glyph;
 "drill", the body alone (no image) ending in ``RECALL`` -> ``k a b`` for several keys, only the

@@ -1,6 +1,6 @@
 """The authors' way of scoring (a benchmark baseline): the full L x L n-softmax, then the window rows.
 
-Same result as the reference CSP scores (DESIGN §2), at O(L^2) time and memory per head: it
+Same result as the reference CSP scores (docs/design.md §2), at O(L^2) time and memory per head: it
 materialises the whole causal/model mask and every row's attention, and only then keeps the W
 window rows. ``naive_scores`` exists to measure what the window-only scorers save.
 """

@@ -1,7 +1,7 @@
 """One layer's kept-token selection at prefill, as the rewrite emits it into the prefill graph.
 
 ``prefill_selection`` builds the layer's ``AttentionInputs`` once and runs the policy's own score and
-split functions (DESIGN §2) and the top-k, returning the cache layout (``kept_layout``). For a
+split functions (docs/design.md §2) and the top-k, returning the cache layout (``kept_layout``). For a
 traceable policy (``Policy.traceable``: CSP, SnapKV, StreamingLLM, full) the rewrite calls it as a plain
 function node, so AOTAutograd traces it into aten ops and Inductor fuses them (C++ on CPU, Triton on
 CUDA): window ``Q K^T``, n-softmax from the attention kernel's log-sum-exp, the self/cross split, the

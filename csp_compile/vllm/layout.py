@@ -35,7 +35,7 @@ class EvictionPlan:
 
 
 def plan_eviction(length: int, config: CSPConfig, block_size: int) -> EvictionPlan:
-    """The plan for a prompt of ``length`` tokens (DESIGN §2's B, rounded up to the block congruence)."""
+    """The plan for a prompt of ``length`` tokens (docs/design.md §2's B, rounded up to the block congruence)."""
     if length < 1 or block_size < 1:
         raise ValueError(f"length and block_size must be >= 1: got {length}, {block_size}")
     budget, _ = resolve_budget(length, config)

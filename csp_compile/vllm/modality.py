@@ -1,6 +1,6 @@
 """Per-token modality ids of a vLLM request, from its multimodal placeholder ranges.
 
-DESIGN §2's ids: 0 text, 1 image, 2 video, 3 audio. A position is non-text when it lies in a
+docs/design.md §2's ids: 0 text, 1 image, 2 video, 3 audio. A position is non-text when it lies in a
 feature's ``PlaceholderRange`` (``offset``, ``length``) and, where the range has an ``is_embed``
 mask, that mask is True there (positions of a range that carry no embedding, e.g. break tokens,
 are text). Tokens generated after the prompt are text.
