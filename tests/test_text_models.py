@@ -19,6 +19,7 @@ from csp_compile.modality import ModalityUnavailableError
 from csp_compile.real import prepare as prepare_module
 from eager_oracle import evicting_generate
 from greedy import NEW_TOKENS, generate
+from test_optimize import assert_untouched, state_of
 from recompile_guard import FailOnRecompileFrom
 
 VOCAB = 128
@@ -50,18 +51,6 @@ def text_inputs(batch: int = 2, length: int = 40, pad_left: tuple[int, ...] = (0
         attention_mask[row, :pad] = 0
         input_ids[row, :pad] = 0
     return {"input_ids": input_ids, "attention_mask": attention_mask}
-
-
-def state_of(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def assert_untouched(model, before):
-    assert not csp_compile.is_optimized(model)
-    assert "forward" not in model.get_decoder().__dict__
-    assert not model._forward_pre_hooks and not model.get_decoder()._forward_pre_hooks
-    after = model.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 @pytest.fixture(autouse=True)

@@ -162,9 +162,22 @@ def _real_settings(args: argparse.Namespace):
 
 def _run_real(args: argparse.Namespace) -> int:
     settings = _real_settings(args)
-    from tqdm import tqdm
-
     from csp_compile.bench.real import format_markdown, run_real_bench
+
+    result = _with_progress_bar(run_real_bench, settings)
+    table = format_markdown(result)
+    print(table)
+    _write_json(args.json, result)
+    if args.markdown is not None:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(table + "\n")
+        print(f"wrote {args.markdown}")
+    return 0
+
+
+def _with_progress_bar(bench, settings):
+    """``bench(settings, progress=..., steps_total=...)`` under a tqdm bar of its steps on stderr."""
+    from tqdm import tqdm
 
     bar = tqdm(total=0, desc="csp-compile bench", unit="step", file=sys.stderr, dynamic_ncols=True)
     started: list[str] = []
@@ -176,18 +189,11 @@ def _run_real(args: argparse.Namespace) -> int:
         bar.set_postfix_str(description)
 
     try:
-        result = run_real_bench(settings, progress=progress, steps_total=lambda n: setattr(bar, "total", n))
+        result = bench(settings, progress=progress, steps_total=lambda n: setattr(bar, "total", n))
         bar.update(1)
     finally:
         bar.close()
-    table = format_markdown(result)
-    print(table)
-    _write_json(args.json, result)
-    if args.markdown is not None:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(table + "\n")
-        print(f"wrote {args.markdown}")
-    return 0
+    return result
 
 
 def run(args: argparse.Namespace) -> int:
@@ -200,24 +206,9 @@ def run(args: argparse.Namespace) -> int:
     if args.markdown is not None or args.max_batch_tokens is not None:
         raise CLIError("--markdown/--max-batch-tokens: only with --model")
     settings = _settings(args)
-    from tqdm import tqdm
-
     from csp_compile.bench import format_table, run_bench
 
-    bar = tqdm(total=0, desc="csp-compile bench", unit="step", file=sys.stderr, dynamic_ncols=True)
-    started = []
-
-    def progress(description: str) -> None:
-        if started:
-            bar.update(1)
-        started.append(description)
-        bar.set_postfix_str(description)
-
-    try:
-        result = run_bench(settings, progress=progress, steps_total=lambda n: setattr(bar, "total", n))
-        bar.update(1)
-    finally:
-        bar.close()
+    result = _with_progress_bar(run_bench, settings)
     print(format_table(result))
     _write_json(args.json, result)
     return 0
