@@ -68,14 +68,11 @@ class _Replay:
         if self.slot_valid is None:
             return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                           **kwargs)
-        valid = self.slot_valid[module.layer_idx]
-        new = key.shape[2] - valid.shape[-1]
-        allowed = torch.cat([valid, valid.new_ones(*valid.shape[:2], new)], dim=-1)
-        groups = query.shape[1] // key.shape[1]
-        mask = allowed.repeat_interleave(groups, dim=1)[:, :, None, :].expand(-1, -1, query.shape[2], -1)
-        if query.shape[2] > 1:
-            causal = torch.ones(query.shape[2], new, dtype=torch.bool, device=query.device).tril(new - query.shape[2])
-            mask = torch.cat([mask[..., : valid.shape[-1]], causal.expand(*mask.shape[:2], -1, -1)], dim=-1)
+        valid = self.slot_valid[module.layer_idx]  # the kept slots, then the new tokens causally
+        groups, rows, new = query.shape[1] // key.shape[1], query.shape[2], key.shape[2] - valid.shape[-1]
+        slots = valid.repeat_interleave(groups, dim=1)[:, :, None, :].expand(-1, -1, rows, -1)
+        causal = torch.ones(rows, new, dtype=torch.bool, device=query.device).tril(new - rows)
+        mask = torch.cat([slots, causal.expand(*slots.shape[:2], -1, -1)], dim=-1)
         out = F.scaled_dot_product_attention(query, key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1),
                                              attn_mask=mask, scale=scaling)
         return out.transpose(1, 2).contiguous(), None
