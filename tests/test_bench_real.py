@@ -30,6 +30,8 @@ def _tiny_llama() -> LlamaForCausalLM:
     (["--model", "smollm2", "--budget", "2"], "--budget"),
     (["--model", "smollm2", "--max-batch-tokens", "0"], "--max-batch-tokens"),
     (["--requests", "3"], "--requests"),
+    (["--long"], "--long"),
+    (["--model", "smollm2", "--quick", "--long"], "pick one"),
     (["--model", "smollm2", "--window", "16"], "only with --engine vllm"),
     (["--model", "smollm2", "--dtype", "bfloat16"], "--dtype"),
     (["--markdown", "x.md", "--quick"], "--markdown"),

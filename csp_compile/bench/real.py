@@ -49,6 +49,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "full": dict(prefill_lengths=(2048, 4096, 8192), decode_lengths=(256, 2048, 8192), batches=(1, 8),
                  prefill_rounds=(2, 2, 1)),
     "quick": dict(prefill_lengths=(1024, 2048), decode_lengths=(1024, 2048), batches=(1,), prefill_rounds=(2, 2)),
+    "long": dict(prefill_lengths=(4096, 8192), decode_lengths=(256, 8192), batches=(1,), prefill_rounds=(1, 1)),
 }
 SHARE_TARGET = 0.015  # CSP's own kernels <= 1.5% of prefill time
 SHARE_JUDGED_FROM = 4096  # ... at 4k tokens and longer

@@ -52,7 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, metavar="smollm2|DIR",
                         help="bench a real pretrained causal LM instead of the random-weight bench Llava: smollm2 "
                              "(run `csp-compile prepare smollm2` once) or a local directory; prefill 2k/4k/8k, decode "
-                             "256/2k/8k x batch 1/8 (--quick: 1k/2k, batch 1); see docs/bench_smollm2.md")
+                             "256/2k/8k x batch 1/8 (--quick: 1k/2k, batch 1; --long: prefill 4k/8k and decode "
+                             "256/8k, batch 1); see docs/bench_smollm2.md")
+    parser.add_argument("--long", action="store_true",
+                        help="with --model: only the judged long lengths at batch 1 (prefill 4k/8k, decode 256/8k)")
     parser.add_argument("--markdown", type=Path, metavar="PATH", help="with --model: also write the tables as markdown")
     parser.add_argument("--max-batch-tokens", type=int, metavar="N",
                         help="with --model: skip decode cases of batch > 1 whose batch x prompt exceeds N tokens (default 16384)")
@@ -148,10 +151,12 @@ def _real_settings(args: argparse.Namespace):
             raise CLIError(f"--{flag.replace('_', '-')} {value}: allowed a positive integer")
     if args.device not in (None, "cpu") or args.dtype != "float32":
         raise CLIError("--device/--dtype: the real-model bench runs on cpu in float32")
+    if args.quick and args.long:
+        raise CLIError("--quick and --long: pick one")
     path = resolve_model_or_fail(args.model)
     if not (path / "config.json").is_file():
         raise CLIError(f"--model {args.model}: {str(path)!r} holds no config.json (a save_pretrained directory)")
-    preset = "quick" if args.quick else "full"
+    preset = "quick" if args.quick else "long" if args.long else "full"
     options = dict(PRESETS[preset], budget=args.budget, threads=args.threads, preset=preset, model_name=args.model)
     if args.new_tokens is not None:
         options["new_tokens"] = args.new_tokens
@@ -203,8 +208,8 @@ def run(args: argparse.Namespace) -> int:
         return _run_vllm(args)
     if args.model is not None:
         return _run_real(args)
-    if args.markdown is not None or args.max_batch_tokens is not None:
-        raise CLIError("--markdown/--max-batch-tokens: only with --model")
+    if args.markdown is not None or args.max_batch_tokens is not None or args.long:
+        raise CLIError("--markdown/--max-batch-tokens/--long: only with --model")
     settings = _settings(args)
     from csp_compile.bench import format_table, run_bench
 
