@@ -16,6 +16,25 @@ def _cell(value) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(figure, path: str | Path) -> None:
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    plt.close(figure)
+
+
 def format_table(records: list[dict], columns: tuple[str, ...] = COLUMNS) -> str:
     """One row per record, fixed-width ``columns``."""
     rows = [columns] + [tuple(_cell(record.get(column)) for column in columns) for record in records]
@@ -30,10 +49,7 @@ def plot_accuracy(records: list[dict], path: str | Path, title: str = "") -> Non
     """PNG at ``path``: accuracy (or top-1 agreement when accuracy is unknown) against budget, one
     line per policy, the full cache as a dashed black line; a chunked-prefill row (``prefill_chunk``
     set) is drawn in its policy's colour with a dashed / dotted line and hollow markers."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     metric = "accuracy" if all(record["accuracy"] is not None for record in records) else "top1_agreement"
     full = [record for record in records if record["policy"] == "full"]
@@ -59,10 +75,7 @@ def plot_accuracy(records: list[dict], path: str | Path, title: str = "") -> Non
     axes.legend(fontsize=8, loc="lower right")
     if title:
         axes.set_title(title, fontsize=9)
-    figure.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
-    plt.close(figure)
+    _save(figure, path)
 
 
 REAL_COLUMNS = ("task", "length", "policy", "window", "budget", "accuracy", "kl", "needle_kept", "kept_fraction", "n")
@@ -71,10 +84,7 @@ REAL_COLUMNS = ("task", "length", "policy", "window", "budget", "accuracy", "kl"
 def plot_real_accuracy(records: list[dict], path: str | Path, window: int, title: str = "") -> None:
     """PNG at ``path``: one panel per prompt length, accuracy against budget per policy at ``window``,
     the full cache as a dashed black line (real-model task records: ``length``, ``window``)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     lengths = sorted({r["length"] for r in records})
     figure, axes = plt.subplots(1, len(lengths), figsize=(4.2 * len(lengths), 4.0), dpi=110, squeeze=False)
@@ -100,10 +110,7 @@ def plot_real_accuracy(records: list[dict], path: str | Path, window: int, title
     axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     if title:
         figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
-    plt.close(figure)
+    _save(figure, path)
 
 
 def real_accuracy_markdown(records: list[dict], window: int, metric: str = "accuracy") -> str:
