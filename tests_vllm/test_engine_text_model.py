@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import shutil
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -130,8 +132,16 @@ def test_the_vllm_bench_runs_on_a_text_model_directory_as_it_is(llama_dir):
     assert prepared_model_dir(llama_dir) == llama_dir  # its own tokenizer, nothing to rewrite
     ids = text_prompt(300, 0, llama_dir)["prompt_token_ids"]
     assert len(ids) == 300 and min(ids) >= FIRST_TEXT_ID and max(ids) < VOCAB  # no special (added) token
-    result = run_bench(llama_dir, dict(prompt=300, requests=6, new_tokens=8, full_capacity=2, repeats=1))
+    result = _in_a_child_process(run_bench, llama_dir, dict(prompt=300, requests=6, new_tokens=8, full_capacity=2,
+                                                            repeats=1))
     assert result["vllm_blocks_per_request_off"] == math.ceil(300 / BLOCK_SIZE)
     assert result["vllm_blocks_per_request_ratio_b20"] <= 0.3
     assert result["vllm_max_concurrent_off"] == 2 < result["vllm_max_concurrent_csp"]
     assert result["vllm_max_concurrent_off_ample_memory"] == 6
+
+
+def _in_a_child_process(function: Callable[..., Any], *args: Any) -> Any:
+    """``function(*args)`` in a spawned process: an in-process engine that shuts down tears down
+    vLLM's distributed state for the whole process, which would break the engines other tests keep."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(function, args)
