@@ -12,6 +12,8 @@ NEW_TURN_MODES = ("evict", "append")
 LAYER_BUDGETS = ("uniform", "pyramid")
 HEAD_BUDGETS = ("uniform", "adaptive")
 MASS_POLICIES = ("csp", "csp_giveback", "snapkv", "h2o")  # scores that are attention mass, comparable across heads
+POOL_MODES = ("none", "1d", "image")
+IMAGE_GRIDS = ("auto", "square", "run")
 
 
 def _fail(field: str, value: Any, allowed: str) -> None:
@@ -50,8 +52,16 @@ class CSPConfig:
     n: the n of n-softmax, ``exp(x_i) / (n + sum_j exp(x_j))``; 0 is plain softmax.
     policy: name of a registered policy (see ``csp_compile.policies.available_policies()``).
     sink_tokens: leading tokens the "streaming" policy always keeps.
-    pool_kernel: width of SnapKV's 1-D average pooling over keys (odd, 1 = no pooling); 5 as in SnapKV's
-        reference code and kvpress.
+    pool: how a window-scored policy (csp, csp_giveback, snapkv) smooths its scores over neighbouring keys
+        before ranking (``scoring.pool_scores``): None (the policy's default: "1d" for snapkv, "none" for
+        csp), "none", "1d" (average over ``pool_kernel`` consecutive keys, SnapKV's) or "image" (image
+        and video tokens averaged over their neighbours on the image's own patch grid, text unpooled).
+    pool_kernel: the pooling width (odd; "image" pools a pool_kernel x pool_kernel square); 5 as in
+        SnapKV's reference code and kvpress.
+    image_grid: how "image" pooling finds an image's grid: "square" (each run of consecutive image
+        tokens whose count is a square number is a row-major square grid, e.g. Llava, Gemma3,
+        Idefics3 tiles), "run" (1-D along each run) or "auto" (the model family's rule, set by
+        ``optimize`` and the vLLM plugin; "run" where no model is known, e.g. ``select_kept``).
     seed: seed of the "random" policy.
     on_new_turn: what a call of more than one token on a non-empty cache (a new turn of a
         conversation) does: "evict" re-selects ``B`` of the logical total among [kept cache + new
@@ -77,7 +87,9 @@ class CSPConfig:
     n: float = 1.0
     policy: str = "csp"
     sink_tokens: int = 4
+    pool: str | None = None
     pool_kernel: int = 5
+    image_grid: str = "auto"
     seed: int = 0
     on_new_turn: str = "evict"
     decode_budget: float | int | None = None
@@ -99,6 +111,7 @@ class CSPConfig:
             _fail("sink_tokens", self.sink_tokens, "an int >= 0")
         if not _is_int(self.pool_kernel) or self.pool_kernel < 1 or self.pool_kernel % 2 == 0:
             _fail("pool_kernel", self.pool_kernel, "an odd int >= 1")
+        self._check_pool()
         if not _is_int(self.seed) or self.seed < 0:
             _fail("seed", self.seed, "an int >= 0")
         if not isinstance(self.on_new_turn, str) or self.on_new_turn not in NEW_TURN_MODES:
@@ -119,6 +132,24 @@ class CSPConfig:
             if getattr(self, name) is not None:
                 _fail(name, getattr(self, name), f"None with layer_budget={self.layer_budget!r} / head_budget="
                       f"{self.head_budget!r} (adaptive budgets do not re-select yet)")
+
+    def _check_pool(self) -> None:
+        from csp_compile.policies import get_policy, window_scored_policies
+
+        if self.pool is not None and (not isinstance(self.pool, str) or self.pool not in POOL_MODES):
+            _fail("pool", self.pool, f"None (the policy's default) or one of {list(POOL_MODES)}")
+        if self.pool not in (None, "none") and get_policy(self.policy).default_pool is None:
+            _fail("pool", self.pool, f"None or 'none' with policy {self.policy!r} (pooling smooths window scores: "
+                  f"policy one of {list(window_scored_policies())})")
+        if not isinstance(self.image_grid, str) or self.image_grid not in IMAGE_GRIDS:
+            _fail("image_grid", self.image_grid, f"one of {list(IMAGE_GRIDS)}")
+
+    @property
+    def pooling(self) -> str:
+        """The pooling mode in effect: ``pool``, else the policy's default ("none" for unpooled policies)."""
+        from csp_compile.policies import get_policy
+
+        return self.pool if self.pool is not None else (get_policy(self.policy).default_pool or "none")
 
     def _check_budget(self) -> None:
         _check_budget_value("budget", self.budget)
@@ -160,3 +191,19 @@ class CSPConfig:
         if unknown:
             raise ValueError(f"CSPConfig has no field(s) {unknown}: allowed {sorted(names)}")
         return dataclasses.replace(self, **overrides)
+
+
+def pooling_in_words(config: CSPConfig) -> str:
+    """``config.pooling`` in one line, as ``explain`` prints it."""
+    mode, kernel = config.pooling, config.pool_kernel
+    origin = "" if config.pool is not None else f" (policy {config.policy}'s default)"
+    if mode == "none":
+        return f"none{origin}"
+    if mode == "1d":
+        return f"1d{origin}: each key averaged over {kernel} consecutive keys"
+    if config.image_grid == "square":
+        shape = (f"its {kernel} x {kernel} neighbours on the image's square grid (1-D over {kernel} along a run "
+                 f"of a non-square count, and when re-selecting a pruned cache)")
+    else:
+        shape = f"{kernel} neighbours along its run of image tokens (image_grid={config.image_grid!r})"
+    return f"image{origin}: each image / video token averaged over {shape}; text unpooled"

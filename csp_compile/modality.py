@@ -19,9 +19,13 @@ A text-only causal LM (no vision config, no image or video token id) has every t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import PreTrainedConfig
+
+if TYPE_CHECKING:
+    from csp_compile.config import CSPConfig
 
 TEXT, IMAGE, VIDEO = 0, 1, 2
 
@@ -40,12 +44,15 @@ class ModalitySpec:
     type_id_inputs: input names whose values are per-token modality ids (0 text, 1 image,
         2 video, ...), in order of preference. Empty when the family's type ids mean something
         else (PaliGemma's token_type_ids mark prefix vs suffix).
+    image_grid: how its image tokens lie (``CSPConfig.image_grid``): "square" when every image (or
+        tile) is one run of placeholders filling a row-major square grid, else "run" (pooled 1-D).
     """
 
     image_token_attrs: tuple[str, ...] = ("image_token_id", "image_token_index")
     video_token_attrs: tuple[str, ...] = ("video_token_id", "video_token_index")
     extra_image_token_attrs: tuple[str, ...] = ()
     type_id_inputs: tuple[str, ...] = ("mm_token_type_ids",)
+    image_grid: str = "run"
 
 
 DEFAULT_SPEC = ModalitySpec()
@@ -57,20 +64,24 @@ def register_modality(model_type: str, spec: ModalitySpec) -> None:
     _REGISTRY[model_type] = spec
 
 
-# Llava family: placeholder ids; their processors' mm_token_type_ids (when requested) agree.
-for _name in ("llava", "llava_next", "llava_next_video", "llava_onevision"):
+# Llava family: placeholder ids; their processors' mm_token_type_ids (when requested) agree. Llava-1.5's
+# image is one square run; the anyres families put the base image, its tiles and newline tokens in one run.
+register_modality("llava", ModalitySpec(image_grid="square"))
+for _name in ("llava_next", "llava_next_video", "llava_onevision"):
     register_modality(_name, DEFAULT_SPEC)
 # Idefics3 / SmolVLM: their processors' mm_token_type_ids also mark the wrapper tokens
-# (<fake_token_around_image>, <global-img>, <row_i_col_j>) as image, so they are not used.
+# (<fake_token_around_image>, <global-img>, <row_i_col_j>) as image, so they are not used. Each tile is a
+# square run of placeholders between wrapper tokens.
 for _name in ("idefics3", "smolvlm"):
-    register_modality(_name, ModalitySpec(type_id_inputs=()))
+    register_modality(_name, ModalitySpec(type_id_inputs=(), image_grid="square"))
 # Qwen2-VL / Qwen2.5-VL: the model itself reads mm_token_type_ids (M-RoPE); vision_start/end are text.
+# Their grids are h x w from image_grid_thw (not read here): a non-square grid can have a square count.
 register_modality("qwen2_vl", DEFAULT_SPEC)
 register_modality("qwen2_5_vl", DEFAULT_SPEC)
 # Gemma3: the processor renames mm_token_type_ids to token_type_ids (1 on image tokens, not boi/eoi).
-register_modality("gemma3", ModalitySpec(type_id_inputs=("token_type_ids", "mm_token_type_ids")))
+register_modality("gemma3", ModalitySpec(type_id_inputs=("token_type_ids", "mm_token_type_ids"), image_grid="square"))
 # PaliGemma: token_type_ids are 0 on the bidirectional prefix (image + prompt), 1 on the suffix.
-register_modality("paligemma", ModalitySpec(type_id_inputs=()))
+register_modality("paligemma", ModalitySpec(type_id_inputs=(), image_grid="square"))
 
 
 def _config_of(config_or_model) -> PreTrainedConfig:
@@ -141,6 +152,13 @@ def check_modality_source(config_or_model) -> str:
         f"{', '.join(spec.image_token_attrs + spec.extra_image_token_attrs)} on the config and its text config; "
         f"{_type_id_hint(spec)}, or register a ModalitySpec for {config.model_type!r}."
     )
+
+
+def with_image_grid(config: CSPConfig, config_or_model) -> CSPConfig:
+    """``config`` with ``image_grid="auto"`` resolved to the model family's rule (``ModalitySpec.image_grid``)."""
+    if config.image_grid != "auto":
+        return config
+    return config.replace(image_grid=spec_for(_config_of(config_or_model)).image_grid)
 
 
 def _type_id_hint(spec: ModalitySpec) -> str:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from csp_compile.backend import CSPBackend, CSPState
-from csp_compile.config import CSPConfig
+from csp_compile.config import CSPConfig, pooling_in_words
 from csp_compile.internals import is_compiled
 from csp_compile.hooks import (
     SUPPORTED_ATTENTION,
@@ -28,7 +28,7 @@ from csp_compile.hooks import (
     model_post_hook,
     model_pre_hook,
 )
-from csp_compile.modality import check_modality_source
+from csp_compile.modality import check_modality_source, with_image_grid
 from csp_compile.passes.evict_prefill import PrefillPlan
 from csp_compile.templates.lowering import choose_scoring
 from csp_compile.tracing import NoAttentionFoundError, capturing_data_dependent_ops, dry_trace, own_code_object
@@ -60,6 +60,7 @@ def optimize(model: nn.Module, config: CSPConfig | None = None, **overrides: Any
         config = config.replace(**overrides)
     language_model, path = _language_model(model)
     modality_source = check_modality_source(model)
+    config = with_image_grid(config, model)
     dry_plan = dry_trace(language_model)
     restore(model)
     state = CSPState(config=config, hooked=True)
@@ -112,6 +113,7 @@ def explain(model: nn.Module) -> str:
         f"({type(installed.language_model).__name__}), from the {source}",
         f"config: budget={config.budget} window={config.window} cross_ratio={config.cross_ratio} "
         f"n={config.n} policy={config.policy} layer_budget={config.layer_budget} head_budget={config.head_budget}",
+        f"pooling: {pooling_in_words(config)}",
         f"modality: {installed.modality_source}",
         f"rewritten ({len(plan.sites)}):",
     ]

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 import torch
-import torch.nn.functional as F
 
 
 from csp_compile import scoring
@@ -43,22 +42,25 @@ class Policy:
     score: ScoreFn | None
     split: SplitFn
     traceable: bool = False  # score and split are tensor ops without host syncs: scored inside the compiled graph
+    default_pool: str | None = None  # a window-scored policy's pooling when CSPConfig.pool is None; None: never pools
 
 
 _POLICIES: dict[str, Policy] = {}
 
 
 def register_policy(
-    name: str, description: str, split: SplitFn | None = None, *, traceable: bool = False,
+    name: str, description: str, split: SplitFn | None = None, *, traceable: bool = False, pool: str | None = None,
 ) -> Callable[[ScoreFn], ScoreFn]:
     """Decorator registering a score function as policy ``name`` (split defaults to primary-only).
     ``traceable``: score and split use tensor ops only (no ``int(tensor)``, no Python loop over L), so
-    the rewrite emits them into the prefill graph for Inductor; otherwise they run eagerly in an op."""
+    the rewrite emits them into the prefill graph for Inductor; otherwise they run eagerly in an op.
+    ``pool``: for a window-scored policy whose score function applies ``scoring.pool_scores``, its
+    default pooling mode (``CSPConfig.pool``); None for a policy that never pools."""
 
     def wrap(score: ScoreFn) -> ScoreFn:
         if name in _POLICIES:
             raise ValueError(f"policy {name!r} is already registered")
-        _POLICIES[name] = Policy(name, description, score, split or primary_only, traceable)
+        _POLICIES[name] = Policy(name, description, score, split or primary_only, traceable, pool)
         return score
 
     return wrap
@@ -67,6 +69,11 @@ def register_policy(
 def available_policies() -> tuple[str, ...]:
     """Names of all registered policies."""
     return tuple(_POLICIES)
+
+
+def window_scored_policies() -> tuple[str, ...]:
+    """Names of the policies that score with the window and take ``CSPConfig.pool``."""
+    return tuple(name for name, policy in _POLICIES.items() if policy.default_pool is not None)
 
 
 def get_policy(name: str) -> Policy:
@@ -124,14 +131,16 @@ _POLICIES["full"] = Policy("full", "no eviction: the whole prompt is kept", None
     "Cross-Self Pruning: n-softmax window attention split into self/cross modality parts",
     split=cross_ratio_split,
     traceable=True,
+    pool="none",
 )
 def csp_scores(inputs: AttentionInputs, config: CSPConfig) -> PolicyScores:
     probs = scoring.window_probs(inputs, config.n)
     self_scores, cross_scores = scoring.modality_split(inputs, probs)
-    return PolicyScores(
-        scoring.gqa_mean(self_scores, inputs.kv_heads),
-        scoring.gqa_mean(cross_scores, inputs.kv_heads),
-    )
+    self_scores, cross_scores = scoring.gqa_mean(self_scores, inputs.kv_heads), scoring.gqa_mean(cross_scores, inputs.kv_heads)
+    if config.pooling == "none":
+        return PolicyScores(self_scores, cross_scores)
+    both = scoring.pool_scores(torch.cat([self_scores, cross_scores], dim=1), inputs, config)  # one pass for both
+    return PolicyScores(*both.chunk(2, dim=1))
 
 
 register_policy(
@@ -139,16 +148,15 @@ register_policy(
     "CSP with the cross quota no candidate's cross score fills given back to the self ranking (a study, issue 12)",
     split=cross_give_back_split,
     traceable=True,
+    pool="none",
 )(csp_scores)
 
 
-@register_policy("snapkv", "SnapKV: softmax window attention summed over the window, average-pooled", traceable=True)
+@register_policy("snapkv", "SnapKV: softmax window attention summed over the window, average-pooled", traceable=True,
+                 pool="1d")
 def snapkv_scores(inputs: AttentionInputs, config: CSPConfig) -> PolicyScores:
     summed = scoring.window_probs(inputs, n=0.0).sum(dim=2)
-    summed = summed * inputs.candidates()[:, None, :]
-    kernel = config.pool_kernel
-    pooled = F.avg_pool1d(summed, kernel, stride=1, padding=kernel // 2)
-    return PolicyScores(scoring.gqa_mean(pooled, inputs.kv_heads))
+    return PolicyScores(scoring.gqa_mean(scoring.pool_scores(summed, inputs, config), inputs.kv_heads))
 
 
 @register_policy("h2o", "H2O: softmax attention accumulated over all prompt queries (heavy hitters)")

@@ -59,6 +59,7 @@ def reselect(
         key=keys.reshape(fold, 1, length, dim),
         modality=slots.modality.reshape(fold, length),
         valid=valid,
+        positions=slots.positions.reshape(fold, length),
         mask=None,  # causal in slot order = logical order
         scale=float(scale),
         window=window.repeat_interleave(hkv).to(keys.device),

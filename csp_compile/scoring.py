@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 
 from csp_compile.nsoftmax import _n_softmax, n_softmax_from_lse
 
@@ -51,6 +52,7 @@ class AttentionInputs:
     rows: int | torch.SymInt | None = None  # trailing query rows scored as the window (>= every W); None = max W
     window_lse: torch.Tensor | None = None  # (b, hq, rows) those rows' log-sum-exp (the attention kernel's)
     accumulated: torch.Tensor | None = None  # (b, hkv, L) ``accumulated_attention`` when already computed
+    positions: torch.Tensor | None = None  # (b, L) logical position of each key (a pruned cache); None = 0 .. L-1
 
     @property
     def length(self) -> int:
@@ -128,6 +130,93 @@ def modality_split(inputs: AttentionInputs, probs: torch.Tensor) -> tuple[torch.
     query_modality = inputs.modality[:, inputs.length - w_max:]
     same = (query_modality[:, :, None] == inputs.modality[:, None, :])[:, None]  # (b, 1, W, L)
     return torch.where(same, probs, 0.0).sum(dim=2), torch.where(same, 0.0, probs).sum(dim=2)
+
+
+def pool_scores(scores: torch.Tensor, inputs: AttentionInputs, config: CSPConfig) -> torch.Tensor:
+    """(b, h, L) window scores smoothed over neighbouring keys by ``config.pooling``: "none" returns them
+    as they are; "1d" and "image" first zero the window's keys (kept anyway), then "1d" averages each
+    key over ``pool_kernel`` consecutive keys (zero-padded, SnapKV's), "image" averages each image or
+    video token over its neighbours in the same image (``ImageGrid``) and leaves text as it is."""
+    mode = config.pooling
+    if mode == "none":
+        return scores
+    scores = scores * inputs.candidates()[:, None, :]
+    kernel = config.pool_kernel
+    if mode == "1d":
+        return F.avg_pool1d(scores, kernel, stride=1, padding=kernel // 2)
+    grid = ImageGrid.of(inputs, config.image_grid == "square")
+    return grid.average(scores, kernel)
+
+
+@dataclass(frozen=True)
+class ImageGrid:
+    """Where each key sits in its image: ``media`` (b, L) True at image / video tokens, ``start`` (b, L) the
+    first index of its run (consecutive real tokens of one non-text modality at consecutive positions),
+    ``side`` (b, L) the run's row length. A run whose length is a square number is a row-major square
+    grid when asked for (``square``) and the keys are a whole prompt (``inputs.positions`` None); any
+    other run is one row."""
+
+    media: torch.Tensor
+    start: torch.Tensor
+    side: torch.Tensor
+
+    @staticmethod
+    def of(inputs: AttentionInputs, square: bool) -> "ImageGrid":
+        b, length = inputs.valid.shape
+        index = torch.arange(length, device=inputs.valid.device).expand(b, length)
+        positions = index if inputs.positions is None else inputs.positions
+        modality = inputs.modality
+        media = inputs.valid & (modality != 0)
+        follows = torch.zeros_like(media)  # continues the run of the key before it
+        follows[:, 1:] = media[:, 1:] & media[:, :-1] & (modality[:, 1:] == modality[:, :-1]) \
+            & (positions[:, 1:] == positions[:, :-1] + 1)
+        ends = media & ~torch.cat([follows[:, 1:], torch.zeros_like(follows[:, :1])], dim=-1)
+        start = torch.cummax(torch.where(media & ~follows, index, 0), dim=-1).values
+        last = length - 1
+        end = last - torch.cummax(torch.where(ends, last - index, 0).flip(-1), dim=-1).values.flip(-1)
+        side = (end - start + 1).clamp(min=1)
+        if square and inputs.positions is None:
+            root = torch.floor(torch.sqrt(side.to(torch.float64)) + 0.5).to(torch.int64)
+            side = torch.where(root * root == side, root, side)
+        return ImageGrid(media, start, side)
+
+    def _neighbours(self, steps: torch.Tensor, along_row: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(index (b, L, k) of the keys ``steps`` (k,) columns over (``along_row``) or rows down, True where
+        that key is in the same run, and row or column, as the key itself)."""
+        length = self.media.shape[-1]
+        index = torch.arange(length, device=self.media.device)[None, :, None]
+        offset = steps[None, None, :] if along_row else steps[None, None, :] * self.side[..., None]
+        neighbour = (index + offset).expand(*self.start.shape, steps.shape[0])
+        inside = (neighbour >= 0) & (neighbour < length)
+        neighbour = neighbour.clamp(0, length - 1)
+        flat = neighbour.flatten(1)
+        column = (index[..., 0] - self.start) % self.side
+
+        def at(values: torch.Tensor) -> torch.Tensor:
+            return values.gather(-1, flat).view_as(neighbour)
+
+        present = self.media[..., None] & inside & at(self.media) & (at(self.start) == self.start[..., None])
+        if along_row:
+            present &= at(column) == column[..., None] + steps
+        return neighbour, present
+
+    def average(self, scores: torch.Tensor, kernel: int) -> torch.Tensor:
+        """(b, h, L) each image / video token's mean over the ``kernel`` x ``kernel`` patch of its grid
+        that exists (``kernel`` along a one-row run), text keys as they are: a box filter, along the row
+        then down the column (two gathers of ``kernel`` neighbours per key)."""
+        half = kernel // 2
+        steps = torch.arange(-half, half + 1, device=scores.device)
+
+        def summed(values: torch.Tensor, counts: torch.Tensor, along_row: bool) -> tuple[torch.Tensor, torch.Tensor]:
+            neighbour, present = self._neighbours(steps, along_row)
+            b, length, k = neighbour.shape
+            gathered = values.gather(-1, neighbour.flatten(1)[:, None, :].expand(-1, values.shape[1], -1))
+            gathered = torch.where(present[:, None], gathered.view(b, -1, length, k), 0.0)
+            return gathered.sum(-1), torch.where(present, counts.gather(-1, neighbour.flatten(1)).view_as(neighbour), 0).sum(-1)
+
+        across, count = summed(scores, torch.ones_like(self.start), along_row=True)
+        total, counted = summed(across, count, along_row=False)
+        return torch.where(self.media[:, None, :], total / counted.clamp(min=1)[:, None, :].to(scores.dtype), scores)
 
 
 def gqa_mean(scores: torch.Tensor, kv_heads: int) -> torch.Tensor:

@@ -217,6 +217,10 @@ def test_policy_parsing_accepts_known_names_or_says_what_is_allowed(text):
     ("csp+pyramid+adaptive", "csp", {"layer_budget": "pyramid", "head_budget": "adaptive"}),
     ("csp:mass+adaptive", "csp", {"cross_ratio": "mass", "head_budget": "adaptive"}),
     ("random+pyramid", "random", {"layer_budget": "pyramid"}),
+    ("csp+imgpool+k3", "csp", {"pool": "image", "pool_kernel": 3}),
+    ("snapkv+nopool", "snapkv", {"pool": "none"}),
+    ("csp:mass+pool1d", "csp", {"cross_ratio": "mass", "pool": "1d"}),
+    ("adakv+imgpool", "snapkv", {"head_budget": "adaptive", "pool": "image"}),
 ])
 def test_policy_specs_name_baselines_and_adaptive_budgets(text, policy, fields):
     spec = parse_policy(text)
@@ -230,6 +234,8 @@ def test_policy_specs_name_baselines_and_adaptive_budgets(text, policy, fields):
     ("h2o:mass", "only csp (cross-ratio rule) and snapkv (pooling kernel) take a variant"),
     ("csp+wide", "unknown modifier '+wide'"),
     ("random+adaptive", "head_budget='adaptive' is invalid"),
+    ("h2o+imgpool", "pool='image' is invalid: allowed None or 'none' with policy 'h2o'"),
+    ("csp+k4", "unknown modifier '+k4'"),
 ])
 def test_bad_policy_specs_say_what_is_allowed(text, message):
     with pytest.raises(ValueError, match=re.escape(message)):

@@ -199,7 +199,7 @@ def test_results_tables_in_the_docs_equal_their_json():
     blocks = 0
     for file in files:
         text = file.read_text()
-        blocks += text.count("<!-- table: eval ")
+        blocks += text.count("<!-- table: ")
         assert render(text, root) == text, f"{file.name}: run python -m csp_compile.evaluation.doc_tables {file.name}"
     assert blocks >= 2
 
@@ -218,4 +218,20 @@ def test_doc_table_blocks_are_regenerated_from_their_json(tmp_path):
     fresh = render(stale, tmp_path)
     assert "| old |" not in fresh and "| full cache | 0.50 |" in fresh and "| csp | 0.25 |" in fresh
     assert fresh.startswith("x\n<!-- table: eval r.json") and fresh.endswith("<!-- /table -->\ny\n")
+    assert render(fresh, tmp_path) == fresh
+
+
+def test_task_table_blocks_are_regenerated_from_their_json(tmp_path):
+    import json
+
+    from csp_compile.evaluation.doc_tables import render
+
+    records = [{"policy": "full", "budget": 1.0, "prefill_chunk": None, "accuracy": 1.0, "n": 200},
+               {"policy": "csp", "budget": 0.1, "prefill_chunk": None, "accuracy": 0.04, "n": 200},
+               {"policy": "csp", "budget": 0.2, "prefill_chunk": None, "accuracy": 0.155, "n": 200},
+               {"policy": "csp", "budget": 0.2, "prefill_chunk": 32, "accuracy": 0.9, "n": 200}]
+    (tmp_path / "t.json").write_text(json.dumps({"records": records}))
+    fresh = render("<!-- table: task t.json metric=accuracy -->\n| old |\n<!-- /table -->\n", tmp_path)
+    assert "| old |" not in fresh and "| policy | b0.1 | b0.2 |" in fresh
+    assert "| full cache | 1.000 | 1.000 |" in fresh and "| csp | 0.040 | 0.155 |" in fresh and "0.900" not in fresh
     assert render(fresh, tmp_path) == fresh

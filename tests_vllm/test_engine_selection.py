@@ -12,6 +12,7 @@ from vllm import SamplingParams
 from csp_compile.config import CSPConfig
 from csp_compile.data import IMAGE_TOKENS, VOCAB, make_dataset
 from csp_compile.scoring import resolve_budget
+from csp_compile.selection import select_kept
 from csp_compile.vllm import batch
 from csp_compile.vllm.engine import BLOCK_SIZE, greedy, held_blocks, task_prompt
 from kept_cache import assert_kept_equal_select_kept
@@ -48,7 +49,7 @@ def _prefill_and_record(llm, prompts, records):
     return {req_id: torch.tensor(ids) for req_id, ids in prompt_ids.items()}
 
 
-def _check_records_against_select_kept(llm, records, prompt_ids):
+def _check_records_against_select_kept(llm, records, prompt_ids, config=CONFIG):
     """Every compaction in ``records``: the plugin's modality ids equal the image tokens of the
     request's own expanded prompt, and ``assert_kept_equal_select_kept`` holds (block-rounded kept
     count, selection equal to ``select_kept`` on the request's own Q/K, the cache's layout)."""
@@ -58,7 +59,7 @@ def _check_records_against_select_kept(llm, records, prompt_ids):
         # modality from the token ids, independently of the placeholder ranges the plugin used
         assert torch.equal(modality, (ids == VOCAB.image).long())
         assert plan.length == len(ids)
-        assert_kept_equal_select_kept(llm, record, CONFIG)
+        assert_kept_equal_select_kept(llm, record, config)
 
 
 def test_kept_positions_per_layer_and_kv_head_equal_select_kept(csp_llm, records):
@@ -67,6 +68,20 @@ def test_kept_positions_per_layer_and_kv_head_equal_select_kept(csp_llm, records
     for ids in prompt_ids.values():
         assert any(torch.equal(ids, e.input_ids) for e in examples)  # vLLM expanded the one placeholder to 64
     _check_records_against_select_kept(csp_llm, records, prompt_ids)
+
+
+def test_image_pooling_kept_positions_equal_select_kept_on_the_square_grid(engine, records):
+    """pool="image" with the default image_grid ("auto"): the plugin takes Llava's rule (each 64-token
+    image an 8 x 8 grid), and its kept positions equal ``select_kept`` with image_grid="square"."""
+    config = CONFIG.replace(pool="image", pool_kernel=3)
+    llm = engine(config)
+    examples = make_dataset(6, "test")
+    prompt_ids = _prefill_and_record(llm, [task_prompt(e) for e in examples], records)
+    _check_records_against_select_kept(llm, records, prompt_ids, config.replace(image_grid="square"))
+    unpooled = [select_kept(r[3].permute(1, 0, 2)[None], r[4].permute(1, 0, 2)[None], r[5][None],
+                            CONFIG.replace(budget=r[6].kept), scale=1 / math.sqrt(r[4].shape[-1])).indices[0]
+                for r in records]
+    assert any(not torch.equal(record[7], plain) for record, plain in zip(records, unpooled))  # pooling matters
 
 
 # Llava's image token count is fixed by its vision tower (image_size 32 / patch 4 = 64 tokens, CLIP position

@@ -1,5 +1,5 @@
-"""Policy specs of the command line: ``csp``, ``csp:population``, ``snapkv:k1``, ``adakv``, ``csp+pyramid``
-... -> CSPConfig."""
+"""Policy specs of the command line: ``csp``, ``csp:population``, ``snapkv:k1``, ``adakv``, ``csp+pyramid``,
+``csp+imgpool+k3`` ... -> CSPConfig."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ __all__ = ["PolicySpec", "chunk_label", "parse_budgets", "parse_policies", "pars
 @dataclass(frozen=True)
 class PolicySpec:
     """One evaluated policy: its label (``csp:mass``, ``adakv``, ``csp+pyramid``), registered policy and
-    the CSPConfig fields it sets (``cross_ratio``, ``pool_kernel``, ``layer_budget``, ``head_budget``)."""
+    the CSPConfig fields it sets (``cross_ratio``, ``pool``, ``pool_kernel``, ``layer_budget``, ``head_budget``)."""
 
     label: str
     policy: str
@@ -35,13 +35,18 @@ ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
     "adakv": ("snapkv", {"head_budget": "adaptive"}),  # AdaKV (Feng et al. 2024) on SnapKV scores
     "pyramidkv": ("snapkv", {"layer_budget": "pyramid"}),  # PyramidKV (Cai et al. 2024) on SnapKV scores
 }
-MODIFIERS: dict[str, dict[str, str]] = {"pyramid": {"layer_budget": "pyramid"}, "adaptive": {"head_budget": "adaptive"}}
+MODIFIERS: dict[str, dict[str, str]] = {
+    "pyramid": {"layer_budget": "pyramid"}, "adaptive": {"head_budget": "adaptive"},
+    "nopool": {"pool": "none"}, "pool1d": {"pool": "1d"}, "imgpool": {"pool": "image"},
+    "imgpool1d": {"pool": "image", "image_grid": "run"},
+}
 
 
 def _allowed() -> str:
     rules = ", ".join(f"csp:{rule}" for rule in CROSS_RATIO_RULES)
     return (f"{', '.join(available_policies())}, {', '.join(ALIASES)}, {rules}, csp:<float in [0, 1]>, "
-            f"snapkv:k<odd pooling kernel>, each optionally followed by {' / '.join('+' + m for m in MODIFIERS)}")
+            f"snapkv:k<odd pooling kernel>, each optionally followed by {' / '.join('+' + m for m in MODIFIERS)} "
+            f"/ +k<odd pooling kernel>")
 
 
 def _parse_one(text: str, option: str) -> PolicySpec:
@@ -56,9 +61,13 @@ def _parse_one(text: str, option: str) -> PolicySpec:
     if colon:
         fields.update(_variant(name, variant, text, option))
     for modifier in modifiers:
-        if modifier not in MODIFIERS:
+        kernel = modifier[1:]
+        if modifier.startswith("k") and kernel.isdigit() and int(kernel) % 2 == 1:
+            fields["pool_kernel"] = int(kernel)
+        elif modifier in MODIFIERS:
+            fields.update(MODIFIERS[modifier])
+        else:
             raise ValueError(f"{option}: policy {text!r}: unknown modifier '+{modifier}'; allowed {_allowed()}")
-        fields.update(MODIFIERS[modifier])
     try:
         CSPConfig(policy=name, **fields)
     except ValueError as error:

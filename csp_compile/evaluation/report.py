@@ -131,3 +131,20 @@ def real_accuracy_markdown(records: list[dict], window: int, metric: str = "accu
     lines.append("")
     lines.append(f"n = {', '.join(f'{n[length]} at {length}' for length in lengths)} prompts; window {window}")
     return "\n".join(lines)
+
+
+def task_accuracy_markdown(records: list[dict], metric: str = "accuracy") -> str:
+    """A markdown table of shipped-task records (one-shot prefill): one row per policy (the full cache
+    first), one column per budget, ``metric`` to 3 decimals; n in the last line."""
+    records = [r for r in records if r.get("prefill_chunk") is None]
+    budgets = sorted({r["budget"] for r in records if r["policy"] != "full"})
+    cell = {(r["policy"], r["budget"]): r[metric] for r in records}
+    lines = ["| policy | " + " | ".join(f"b{b:g}" for b in budgets) + " |", "|" + "---|" * (len(budgets) + 1)]
+    if ("full", 1.0) in cell:
+        lines.append("| full cache | " + " | ".join(f"{cell[('full', 1.0)]:.3f}" for _ in budgets) + " |")
+    for policy in dict.fromkeys(r["policy"] for r in records if r["policy"] != "full"):
+        values = [cell.get((policy, b)) for b in budgets]
+        lines.append(f"| {policy} | " + " | ".join("" if v is None else f"{v:.3f}" for v in values) + " |")
+    lines.append("")
+    lines.append(f"n = {records[0]['n']} prompts")
+    return "\n".join(lines)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any, Mapping, NoReturn
 
 from csp_compile.config import CSPConfig
+from csp_compile.modality import with_image_grid
 
 __all__ = ["CONFIG_KEY", "check_engine", "csp_config"]
 
@@ -62,7 +63,8 @@ def check_engine(vllm_config: Any) -> CSPConfig | None:
     prefix caching off (compacted blocks must never be served as another request's prefix),
     chunked prefill off (a prompt is scored in the step that prefills all of it), no speculative
     decoding, one worker; a model with full-attention layers and, where it has other kinds too, vLLM's
-    hybrid KV cache manager on. ValueError names the setting to change."""
+    hybrid KV cache manager on. ValueError names the setting to change. ``image_grid="auto"`` comes back
+    resolved to the model family's rule."""
     config = csp_config(getattr(vllm_config, "additional_config", None))
     if config is None:
         return None
@@ -86,4 +88,4 @@ def check_engine(vllm_config: Any) -> CSPConfig | None:
     if len(kinds) > 1 and vllm_config.scheduler_config.disable_hybrid_kv_cache_manager:
         _fail(f"the model's {kinds} layers would share one block table, which CSP cannot compact: keep vLLM's "
               "hybrid KV cache manager on (disable_hybrid_kv_cache_manager=False)")
-    return config
+    return with_image_grid(config, vllm_config.model_config.hf_config)
