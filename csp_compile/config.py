@@ -13,7 +13,7 @@ LAYER_BUDGETS = ("uniform", "pyramid")
 HEAD_BUDGETS = ("uniform", "adaptive")
 MASS_POLICIES = ("csp", "csp_giveback", "snapkv", "h2o")  # scores that are attention mass, comparable across heads
 POOL_MODES = ("none", "1d", "image")
-IMAGE_GRIDS = ("auto", "square", "run")
+IMAGE_GRIDS = ("run", "square", "auto")
 
 
 def _fail(field: str, value: Any, allowed: str) -> None:
@@ -58,10 +58,11 @@ class CSPConfig:
         and video tokens averaged over their neighbours on the image's own patch grid, text unpooled).
     pool_kernel: the pooling width (odd; "image" pools a pool_kernel x pool_kernel square); 5 as in
         SnapKV's reference code and kvpress.
-    image_grid: how "image" pooling finds an image's grid: "square" (each run of consecutive image
-        tokens whose count is a square number is a row-major square grid, e.g. Llava, Gemma3,
-        Idefics3 tiles), "run" (1-D along each run) or "auto" (the model family's rule, set by
-        ``optimize`` and the vLLM plugin; "run" where no model is known, e.g. ``select_kept``).
+    image_grid: the neighbourhood of "image" pooling: "run" (``pool_kernel`` tokens along each run of
+        consecutive image tokens: measured better than 2-D on the grid task, the default), "square"
+        (each run whose count is a square number is a row-major square grid, pooled
+        ``pool_kernel`` x ``pool_kernel``: Llava, Gemma3, PaliGemma, Idefics3 tiles) or "auto" (the model
+        family's grid, resolved by ``optimize`` and the vLLM plugin; "run" where no model is known).
     seed: seed of the "random" policy.
     on_new_turn: what a call of more than one token on a non-empty cache (a new turn of a
         conversation) does: "evict" re-selects ``B`` of the logical total among [kept cache + new
@@ -89,7 +90,7 @@ class CSPConfig:
     sink_tokens: int = 4
     pool: str | None = None
     pool_kernel: int = 5
-    image_grid: str = "auto"
+    image_grid: str = "run"
     seed: int = 0
     on_new_turn: str = "evict"
     decode_budget: float | int | None = None
@@ -205,5 +206,6 @@ def pooling_in_words(config: CSPConfig) -> str:
         shape = (f"its {kernel} x {kernel} neighbours on the image's square grid (1-D over {kernel} along a run "
                  f"of a non-square count, and when re-selecting a pruned cache)")
     else:
-        shape = f"{kernel} neighbours along its run of image tokens (image_grid={config.image_grid!r})"
+        grid = "" if config.image_grid == "run" else f" (image_grid={config.image_grid!r}: no model to resolve it)"
+        shape = f"the {kernel} tokens around it along its run of image tokens{grid}"
     return f"image{origin}: each image / video token averaged over {shape}; text unpooled"

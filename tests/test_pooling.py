@@ -145,7 +145,7 @@ def test_image_pooling_changes_csp_selection_only_through_image_scores():
 @pytest.mark.parametrize("fields, words", [
     ({"pool": "2d"}, "CSPConfig.pool='2d' is invalid: allowed None (the policy's default) or one of ['none', '1d', 'image']"),
     ({"policy": "h2o", "pool": "image"}, "CSPConfig.pool='image' is invalid: allowed None or 'none' with policy 'h2o'"),
-    ({"image_grid": "hex"}, "CSPConfig.image_grid='hex' is invalid: allowed one of ['auto', 'square', 'run']"),
+    ({"image_grid": "hex"}, "CSPConfig.image_grid='hex' is invalid: allowed one of ['run', 'square', 'auto']"),
     ({"pool": "image", "pool_kernel": 4}, "CSPConfig.pool_kernel=4 is invalid: allowed an odd int >= 1"),
 ])
 def test_bad_pooling_settings_are_one_line_errors(fields, words):
@@ -157,7 +157,8 @@ def test_bad_pooling_settings_are_one_line_errors(fields, words):
 @pytest.mark.parametrize("family, grid", [("llava", "square"), ("gemma3", "square"), ("idefics3", "square"),
                                           ("qwen2_vl", "run"), ("llava_next", "run")])
 def test_auto_image_grid_is_the_familys(family, grid):
-    config = CSPConfig(pool="image")
+    config = CSPConfig(pool="image", image_grid="auto")
+    assert CSPConfig(pool="image").image_grid == "run"
     assert with_image_grid(config, AutoConfig.for_model(family)).image_grid == grid
     assert with_image_grid(config.replace(image_grid="run"), AutoConfig.for_model(family)).image_grid == "run"
 
@@ -176,7 +177,7 @@ def test_compiled_pass_with_image_pooling_keeps_the_oracle_positions(family):
     with ``select_kept`` under the family's grid rule (square for Llava and Idefics3 tiles, runs for Qwen2-VL)."""
     model = build_tiny_vlm(family)
     inputs = make_inputs(model, batch=2, text_len=30, pad_left=[0, 4])
-    config = CSPConfig(budget=0.3, window=4, pool="image", pool_kernel=3)
+    config = CSPConfig(budget=0.3, window=4, pool="image", pool_kernel=3, image_grid="auto")
     reference, reference_kept = evicting_generate(model, inputs, with_image_grid(config, model), NEW_TOKENS)
     csp_compile.optimize(model, config)
     out = generate(model, inputs)

@@ -71,9 +71,9 @@ def test_kept_positions_per_layer_and_kv_head_equal_select_kept(csp_llm, records
 
 
 def test_image_pooling_kept_positions_equal_select_kept_on_the_square_grid(engine, records):
-    """pool="image" with the default image_grid ("auto"): the plugin takes Llava's rule (each 64-token
-    image an 8 x 8 grid), and its kept positions equal ``select_kept`` with image_grid="square"."""
-    config = CONFIG.replace(pool="image", pool_kernel=3)
+    """pool="image" with image_grid="auto": the plugin takes Llava's rule (each 64-token image an 8 x 8
+    grid), and its kept positions equal ``select_kept`` with image_grid="square"."""
+    config = CONFIG.replace(pool="image", pool_kernel=3, image_grid="auto")
     llm = engine(config)
     examples = make_dataset(6, "test")
     prompt_ids = _prefill_and_record(llm, [task_prompt(e) for e in examples], records)

@@ -37,8 +37,8 @@ ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 MODIFIERS: dict[str, dict[str, str]] = {
     "pyramid": {"layer_budget": "pyramid"}, "adaptive": {"head_budget": "adaptive"},
-    "nopool": {"pool": "none"}, "pool1d": {"pool": "1d"}, "imgpool": {"pool": "image"},
-    "imgpool1d": {"pool": "image", "image_grid": "run"},
+    "nopool": {"pool": "none"}, "pool1d": {"pool": "1d"}, "imgpool": {"pool": "image", "image_grid": "run"},
+    "imgpool2d": {"pool": "image", "image_grid": "auto"},
 }
 
 
