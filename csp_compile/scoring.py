@@ -214,9 +214,11 @@ class ImageGrid:
             gathered = torch.where(present[:, None], gathered.view(b, -1, length, k), 0.0)
             return gathered.sum(-1), torch.where(present, counts.gather(-1, neighbour.flatten(1)).view_as(neighbour), 0).sum(-1)
 
-        across, count = summed(scores, torch.ones_like(self.start), along_row=True)
+        # float64 sums: a few float32 terms add exactly, so eager and compiled kernels agree whatever their order
+        across, count = summed(scores.to(torch.float64), torch.ones_like(self.start), along_row=True)
         total, counted = summed(across, count, along_row=False)
-        return torch.where(self.media[:, None, :], total / counted.clamp(min=1)[:, None, :].to(scores.dtype), scores)
+        average = (total / counted.clamp(min=1)[:, None, :].to(torch.float64)).to(scores.dtype)
+        return torch.where(self.media[:, None, :], average, scores)
 
 
 def gqa_mean(scores: torch.Tensor, kv_heads: int) -> torch.Tensor:

@@ -191,6 +191,7 @@ def test_a_model_that_is_neither_a_vlm_nor_a_causal_lm_is_refused(tmp_path, caps
     config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
                                     image_size=8, patch_size=4)
     transformers.ViTModel(config).save_pretrained(tmp_path)
+    capsys.readouterr()  # what saving printed (a progress bar, depending on the installed packages)
     assert main(["eval", "--model", str(tmp_path), "--n", "2"]) == 2
     err = capsys.readouterr().err
     assert "ViTConfig, not a vision-language model or a text-only causal LM" in err

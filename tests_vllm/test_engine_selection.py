@@ -78,8 +78,8 @@ def test_image_pooling_kept_positions_equal_select_kept_on_the_square_grid(engin
     examples = make_dataset(6, "test")
     prompt_ids = _prefill_and_record(llm, [task_prompt(e) for e in examples], records)
     _check_records_against_select_kept(llm, records, prompt_ids, config.replace(image_grid="square"))
-    unpooled = [select_kept(r[3].permute(1, 0, 2)[None], r[4].permute(1, 0, 2)[None], r[5][None],
-                            CONFIG.replace(budget=r[6].kept), scale=1 / math.sqrt(r[4].shape[-1])).indices[0]
+    unpooled = [select_kept(r[2].permute(1, 0, 2)[None], r[3].permute(1, 0, 2)[None], r[5][None],
+                            CONFIG.replace(budget=r[6].kept), scale=1 / math.sqrt(r[3].shape[-1])).indices[0]
                 for r in records]
     assert any(not torch.equal(record[7], plain) for record, plain in zip(records, unpooled))  # pooling matters
 

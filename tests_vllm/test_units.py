@@ -6,13 +6,14 @@ import types
 
 import pytest
 import torch
+from transformers import AutoConfig
 
 from csp_compile.config import CSPConfig
 from csp_compile.scoring import resolve_budget
 from csp_compile.vllm.layout import plan_eviction
 from csp_compile.vllm.modality import modality_ids
 from csp_compile.vllm.model_dir import rename_vision_keys
-from csp_compile.vllm.settings import check_engine, csp_config
+from csp_compile.vllm.settings import check_engine, csp_config, resolve_image_grid
 
 
 @pytest.mark.parametrize("budget", [0.05, 0.1, 0.2, 0.5, 1.0, 40, 300])
@@ -48,10 +49,11 @@ def test_csp_config_is_off_without_the_key_and_validated_with_it():
     assert csp_config({"csp": {"layer_budget": "uniform"}}).layer_budget == "uniform"
 
 
-def _engine(prefix=False, chunked=False, tp=1, csp=True, layer_types=None, hybrid_off=False, window=None):
+def _engine(prefix=False, chunked=False, tp=1, csp=True, layer_types=None, hybrid_off=False, window=None, entry=None):
     return types.SimpleNamespace(
-        additional_config={"csp": {"budget": 0.2}} if csp else {},
-        model_config=types.SimpleNamespace(hf_text_config=types.SimpleNamespace(layer_types=layer_types)),
+        additional_config={"csp": entry or {"budget": 0.2}} if csp else {},
+        model_config=types.SimpleNamespace(hf_text_config=types.SimpleNamespace(layer_types=layer_types),
+                                           hf_config=AutoConfig.for_model("llava")),
         cache_config=types.SimpleNamespace(enable_prefix_caching=prefix, sliding_window=window),
         scheduler_config=types.SimpleNamespace(enable_chunked_prefill=chunked,
                                                disable_hybrid_kv_cache_manager=hybrid_off),
@@ -69,6 +71,16 @@ def test_check_engine_names_the_setting_to_change():
         check_engine(_engine(chunked=True))
     with pytest.raises(ValueError, match="one worker"):
         check_engine(_engine(tp=2))
+
+
+def test_an_auto_image_grid_is_resolved_to_the_familys_in_the_engine_config():
+    engine = _engine(entry={"pool": "image", "image_grid": "auto"})
+    resolve_image_grid(engine)
+    assert engine.additional_config["csp"] == {"pool": "image", "image_grid": "square"}  # llava's
+    assert check_engine(engine).image_grid == "square"
+    engine = _engine(entry={"pool": "image"})
+    resolve_image_grid(engine)
+    assert check_engine(engine).image_grid == "run"
 
 
 def test_check_engine_needs_full_attention_layers_and_their_own_block_table():

@@ -33,11 +33,12 @@ def _wrap(owner: type, name: str, make: Callable[[Callable[..., Any]], Callable[
 
 
 def _checked_engine_config(original: Callable[..., Any]) -> Callable[..., Any]:
-    from csp_compile.vllm.settings import check_engine
+    from csp_compile.vllm.settings import check_engine, resolve_image_grid
 
     def create_engine_config(self, *args: Any, **kwargs: Any) -> Any:
         config = original(self, *args, **kwargs)
         check_engine(config)
+        resolve_image_grid(config)
         return config
 
     return create_engine_config

@@ -15,7 +15,7 @@ from typing import Any, Mapping, NoReturn
 from csp_compile.config import CSPConfig
 from csp_compile.modality import with_image_grid
 
-__all__ = ["CONFIG_KEY", "check_engine", "csp_config"]
+__all__ = ["CONFIG_KEY", "check_engine", "csp_config", "resolve_image_grid"]
 
 CONFIG_KEY = "csp"
 _FULL_ATTENTION = "full_attention"
@@ -45,6 +45,16 @@ def csp_config(additional_config: Mapping[str, Any] | None) -> CSPConfig | None:
         _fail(str(error))
 
 
+def resolve_image_grid(vllm_config: Any) -> None:
+    """Write the model family's grid into ``additional_config["csp"]`` where it says ``image_grid="auto"``,
+    when the engine config is made: vLLM builds a VLM's language-model layers with the text config
+    only, which cannot tell the family."""
+    config = csp_config(getattr(vllm_config, "additional_config", None))
+    if config is not None and config.image_grid == "auto":
+        resolved = with_image_grid(config, vllm_config.model_config.hf_config).image_grid
+        vllm_config.additional_config[CONFIG_KEY] = {**vllm_config.additional_config[CONFIG_KEY], "image_grid": resolved}
+
+
 def attention_kinds(vllm_config: Any) -> set[str]:
     """The kinds of attention of the model's decoder layers: its text config's ``layer_types``
     (transformers' per-layer list, e.g. "full_attention", "sliding_attention"); for a config with
@@ -63,8 +73,7 @@ def check_engine(vllm_config: Any) -> CSPConfig | None:
     prefix caching off (compacted blocks must never be served as another request's prefix),
     chunked prefill off (a prompt is scored in the step that prefills all of it), no speculative
     decoding, one worker; a model with full-attention layers and, where it has other kinds too, vLLM's
-    hybrid KV cache manager on. ValueError names the setting to change. ``image_grid="auto"`` comes back
-    resolved to the model family's rule."""
+    hybrid KV cache manager on. ValueError names the setting to change."""
     config = csp_config(getattr(vllm_config, "additional_config", None))
     if config is None:
         return None
@@ -88,4 +97,4 @@ def check_engine(vllm_config: Any) -> CSPConfig | None:
     if len(kinds) > 1 and vllm_config.scheduler_config.disable_hybrid_kv_cache_manager:
         _fail(f"the model's {kinds} layers would share one block table, which CSP cannot compact: keep vLLM's "
               "hybrid KV cache manager on (disable_hybrid_kv_cache_manager=False)")
-    return with_image_grid(config, vllm_config.model_config.hf_config)
+    return config
