@@ -41,6 +41,7 @@ from csp_compile.data import make_dataset
 from csp_compile.data.lookup import VOCAB, token_name
 from csp_compile.vllm.engine import BLOCK_SIZE, task_prompt
 from csp_compile.vllm.layout import plan_eviction
+from engine_steps import engine_per_config
 
 CONFIG = CSPConfig(budget=0.2, window=8)
 IMAGE_KWARGS = {"do_rescale": True, "do_normalize": True, "image_mean": [0.5] * 3, "image_std": [0.25] * 3}
@@ -122,6 +123,14 @@ class Server:
     def metrics(self) -> str:
         with urllib.request.urlopen(self.url + "/metrics", timeout=10) as response:
             return response.read().decode()
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir):
+    """This module's own in-process engines (CSP config or None): an engine an earlier module made may be
+    unusable by now, since an in-process engine that shuts down (one made and refused, or deleted) tears
+    down vLLM's distributed state for the whole process."""
+    return engine_per_config(model_dir)
 
 
 @pytest.fixture(scope="module")
