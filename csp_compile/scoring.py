@@ -190,13 +190,13 @@ class ImageGrid:
         inside = (neighbour >= 0) & (neighbour < length)
         neighbour = neighbour.clamp(0, length - 1)
         flat = neighbour.flatten(1)
-        column = (index[..., 0] - self.start) % self.side
 
         def at(values: torch.Tensor) -> torch.Tensor:
             return values.gather(-1, flat).view_as(neighbour)
 
         present = self.media[..., None] & inside & at(self.media) & (at(self.start) == self.start[..., None])
-        if along_row:
+        if along_row:  # down a column, a key of the same run is in the same column
+            column = (index[..., 0] - self.start) % self.side
             present &= at(column) == column[..., None] + steps
         return neighbour, present
 

@@ -61,9 +61,9 @@ def _parse_one(text: str, option: str) -> PolicySpec:
     if colon:
         fields.update(_variant(name, variant, text, option))
     for modifier in modifiers:
-        kernel = modifier[1:]
-        if modifier.startswith("k") and kernel.isdigit() and int(kernel) % 2 == 1:
-            fields["pool_kernel"] = int(kernel)
+        kernel = _pool_kernel(modifier)
+        if kernel is not None:
+            fields["pool_kernel"] = kernel
         elif modifier in MODIFIERS:
             fields.update(MODIFIERS[modifier])
         else:
@@ -75,13 +75,19 @@ def _parse_one(text: str, option: str) -> PolicySpec:
     return PolicySpec(text, name, tuple(sorted(fields.items())))
 
 
+def _pool_kernel(text: str) -> int | None:
+    """The kernel of ``k<odd int>`` (``snapkv:k1``, ``+k3``), else None."""
+    digits = text[1:]
+    return int(digits) if text.startswith("k") and digits.isdigit() and int(digits) % 2 == 1 else None
+
+
 def _variant(name: str, variant: str, text: str, option: str) -> dict[str, Any]:
     """The fields of ``csp:<rule>`` or ``snapkv:k<kernel>``."""
     if name == "snapkv":
-        kernel = variant[1:]
-        if not (variant.startswith("k") and kernel.isdigit() and int(kernel) % 2 == 1):
+        kernel = _pool_kernel(variant)
+        if kernel is None:
             raise ValueError(f"{option}: policy {text!r}: snapkv takes ':k<odd kernel>' (e.g. snapkv:k1); allowed {_allowed()}")
-        return {"pool_kernel": int(kernel)}
+        return {"pool_kernel": kernel}
     if name != "csp":
         raise ValueError(f"{option}: policy {text!r}: only csp (cross-ratio rule) and snapkv (pooling kernel) take a "
                          f"variant after ':'; allowed {_allowed()}")
